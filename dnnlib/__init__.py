@@ -1,0 +1,1 @@
+from .util import EasyDict, atomic_write  # noqa: F401
