@@ -1,0 +1,399 @@
+"""Samplers for the diffusion ODE/SDE, the σ schedules they step through, and the seed → RNG rule.
+
+Every sampler is one function `(net, latents, class_labels=None, randn_like=torch.randn_like, **options)
+-> images` with no hidden state (SPEC.md §4): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
+`latents` are unit Gaussian, `randn_like` is the noise source of stochastic steps. The state is kept in
+float64 so that step arithmetic does not lose precision at small σ; the network itself runs in its own
+precision. Schedules are separate functions returning float64 σ (or t) tensors.
+"""
+
+import math
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# The seed → RNG rule (SPEC.md §4): defined once, used by generate.py, fid.py and the tests.
+
+
+class SeedGenerators:
+    """One `torch.Generator` per seed, so an image depends on its seed alone, not on its batch or rank."""
+
+    def __init__(self,
+        seeds,                  # Iterable of non-negative ints, one image each.
+        device,                 # Device the generators (and the drawn tensors) live on.
+    ):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def __len__(self):
+        return len(self.generators)
+
+    def randn(self, size, dtype=torch.float32):
+        """`size` = [len(seeds), ...]; row i is drawn from generator i."""
+        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=self.device) for g in self.generators])
+
+    def randint(self, high, size):
+        """`size` = [len(seeds), ...]; integers in [0, high), row i from generator i."""
+        return torch.stack([torch.randint(high, size=size[1:], generator=g, device=self.device) for g in self.generators])
+
+    def randn_like(self, x):
+        """Per-step noise of stochastic samplers: same shape and dtype as `x`, row i from generator i."""
+        return self.randn(x.shape, dtype=x.dtype)
+
+
+def draw_latents_and_labels(net, seeds, device, class_idx=None):
+    """Latents, one-hot labels (None for an unconditional net) and the generators that continue per seed.
+
+    Per seed, in this order: the latent randn([C,H,W]); for a conditional net a class index randint(label_dim),
+    drawn even when `class_idx` overrides it so that the step noise of a seed does not depend on `class_idx`.
+    """
+    if class_idx is not None:
+        if not net.label_dim:
+            raise ValueError(f'class index {class_idx} given, but the network is unconditional (label_dim 0)')
+        if not 0 <= class_idx < net.label_dim:
+            raise ValueError(f'class index {class_idx} out of range: the network has {net.label_dim} classes (0-{net.label_dim - 1})')
+    generators = SeedGenerators(seeds, device)
+    latents = generators.randn([len(generators), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = None
+    if net.label_dim:
+        class_indices = generators.randint(net.label_dim, size=[len(generators)])
+        if class_idx is not None:
+            class_indices = torch.full_like(class_indices, class_idx)
+        class_labels = torch.eye(net.label_dim, device=generators.device)[class_indices]
+    return latents, class_labels, generators
+
+
+def images_to_uint8(images):
+    """[-1, 1] images → uint8 (same layout); the +128 (not 127.5) makes the truncation round to nearest."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# σ schedules. Each returns the N noise levels σ_0 > … > σ_{N-1} of an N-step sampler (float64, no final 0).
+
+
+def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device='cpu'):
+    """EDM's discretisation: uniform in σ^(1/ρ), which concentrates steps at low noise."""
+    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    return (sigma_max ** (1 / rho) + step_fraction * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def vp_sigmas(num_steps, sigma_min, sigma_max, epsilon_s=1e-3, device='cpu'):
+    """VP (DDPM++) discretisation: uniform in t ∈ [1, ε_s] of a VP schedule re-fit to the σ range."""
+    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
+    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    return vp_sigma(1 + step_fraction * (epsilon_s - 1), beta_d, beta_min)
+
+
+def ve_sigmas(num_steps, sigma_min, sigma_max, device='cpu'):
+    """VE (NCSN++) discretisation: geometric in σ (equivalently in σ²)."""
+    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    return (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** step_fraction).sqrt()
+
+
+def iddpm_sigmas(num_steps, sigma_min, sigma_max, C_1=0.001, C_2=0.008, M=1000, device='cpu'):
+    """iDDPM discretisation: N of the cosine schedule's M+1 levels u_j, evenly spread over those in range."""
+    u = iddpm_levels(C_1, C_2, M, device=device)
+    u_in_range = u[(u >= sigma_min) & (u <= sigma_max)]
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return u_in_range[((len(u_in_range) - 1) / (num_steps - 1) * step_indices).round().to(torch.int64)]
+
+
+def logsnr_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device='cpu'):
+    """Uniform in log-SNR λ = −ln σ (the data-scale α is 1 in the EDM process), from σ_max to σ_min."""
+    lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), num_steps, dtype=torch.float64, device=device)
+    return (-lambdas).exp()
+
+
+def iddpm_levels(C_1=0.001, C_2=0.008, M=1000, device='cpu'):
+    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (SPEC.md §1), float64."""
+    j = torch.arange(M + 1, dtype=torch.float64, device=device)
+    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
+    alpha_ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()  # ᾱ(j−1)/ᾱ(j) for j = 1…M
+    u = [0.0] * (M + 1)
+    for k in range(M, 0, -1):  # a recursion: each level needs the next one
+        u[k - 1] = math.sqrt((u[k] ** 2 + 1) / alpha_ratio[k - 1] - 1)
+    return torch.tensor(u, dtype=torch.float64, device=device)
+
+
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    """σ(t) of the VP SDE: √(exp(½β_d t² + β_min t) − 1)."""
+    return (0.5 * beta_d * t ** 2 + beta_min * t).expm1().sqrt()
+
+
+def vp_betas_for_range(sigma_min, sigma_max, epsilon_s=1e-3):
+    """(β_d, β_min) with σ_vp(ε_s) = σ_min and σ_vp(1) = σ_max, from ln(σ²+1) = ½β_d t² + β_min t at both ends."""
+    beta_d = 2 * (math.log(sigma_min ** 2 + 1) / epsilon_s - math.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    beta_min = math.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+    return beta_d, beta_min
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers.
+
+
+def _denoise(net, x, sigma, class_labels):
+    return net(x, sigma, class_labels).to(torch.float64)
+
+
+def _round_sigma(net, sigma):
+    """The net's supported σ nearest to `sigma`, kept in float64 whatever dtype the net rounds in."""
+    return net.round_sigma(sigma).to(torch.float64)
+
+
+def _check_num_steps(num_steps, minimum):
+    if int(num_steps) != num_steps or num_steps < minimum:
+        raise ValueError(f'num_steps must be an integer >= {minimum}, got {num_steps}')
+
+
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps=18,               # N: noise levels before the final 0; 2N−1 network evaluations.
+    sigma_min=0.002,            # Lowest noise level, raised to net.sigma_min if needed.
+    sigma_max=80,               # Highest noise level, lowered to net.sigma_max if needed.
+    rho=7,                      # Exponent of the EDM discretisation.
+    S_churn=0,                  # Total stochasticity; 0 gives the deterministic ODE sampler.
+    S_min=0,                    # Churn only at σ ∈ [S_min, S_max].
+    S_max=float('inf'),
+    S_noise=1,                  # Scale of the added noise (slightly > 1 offsets denoiser over-smoothing).
+):
+    """EDM's second-order Heun sampler with optional churn (Karras et al. 2022, Algorithm 2)."""
+    _check_num_steps(num_steps, 2)
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    sigmas = _round_sigma(net, edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device))
+    sigmas = torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
+    gammas = _churn_gammas(sigmas[:-1].tolist(), num_steps, S_churn, S_min, S_max)  # one host sync, before the loop
+
+    x_next = latents.to(torch.float64) * sigmas[0]
+    for i, gamma in enumerate(gammas):
+        sigma_cur, sigma_next, x_cur = sigmas[i], sigmas[i + 1], x_next
+        sigma_hat, x_hat = sigma_cur, x_cur
+        if S_churn > 0:  # the published sampler draws noise at every step once churn is on; so do we, for the same images
+            sigma_hat = _round_sigma(net, sigma_cur * (1 + gamma))
+            x_hat = x_cur + (sigma_hat ** 2 - sigma_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        d_cur = (x_hat - _denoise(net, x_hat, sigma_hat, class_labels)) / sigma_hat
+        x_next = x_hat + (sigma_next - sigma_hat) * d_cur
+        if i < num_steps - 1:  # Heun's correction, except into σ = 0
+            d_next = (x_next - _denoise(net, x_next, sigma_next, class_labels)) / sigma_next
+            x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d_cur + 0.5 * d_next)
+    return x_next
+
+
+def _churn_gammas(sigmas, num_steps, S_churn, S_min, S_max):
+    """Per-step relative noise increase γ_i of EDM's stochastic sampler, on the host."""
+    gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
+    return [gamma if S_min <= sigma <= S_max else 0.0 for sigma in sigmas]
+
+
+class _NoiseSchedule:
+    """σ(t), dσ/dt and t(σ) of one of the ablation sampler's schedules (SPEC.md §4)."""
+
+    def __init__(self, name, vp_beta_d, vp_beta_min):
+        if name not in ('vp', 've', 'linear'):
+            raise ValueError(f"schedule must be 'vp', 've' or 'linear', got {name!r}")
+        self.name, self.beta_d, self.beta_min = name, vp_beta_d, vp_beta_min
+
+    def sigma(self, t):
+        return {'vp': lambda: vp_sigma(t, self.beta_d, self.beta_min), 've': lambda: t.sqrt(), 'linear': lambda: t}[self.name]()
+
+    def sigma_deriv(self, t):
+        if self.name == 'vp':
+            sigma = self.sigma(t)
+            return 0.5 * (self.beta_min + self.beta_d * t) * (sigma + 1 / sigma)
+        return 0.5 / t.sqrt() if self.name == 've' else torch.ones_like(t)
+
+    def sigma_inv(self, sigma):
+        if self.name == 'vp':
+            return ((self.beta_min ** 2 + 2 * self.beta_d * (sigma ** 2).log1p()).sqrt() - self.beta_min) / self.beta_d
+        return sigma ** 2 if self.name == 've' else sigma
+
+
+class _Scaling:
+    """s(t) and ds/dt of one of the ablation sampler's signal scalings: 'vp' = 1/√(1+σ²), 'none' = 1."""
+
+    def __init__(self, name, schedule):
+        if name not in ('vp', 'none'):
+            raise ValueError(f"scaling must be 'vp' or 'none', got {name!r}")
+        self.name, self.schedule = name, schedule
+
+    def s(self, t):
+        return 1 / (1 + self.schedule.sigma(t) ** 2).sqrt() if self.name == 'vp' else torch.ones_like(t)
+
+    def s_deriv(self, t):
+        if self.name == 'vp':
+            return -self.schedule.sigma(t) * self.schedule.sigma_deriv(t) * self.s(t) ** 3
+        return torch.zeros_like(t)
+
+
+ABLATION_DEFAULT_SIGMA_RANGES = {  # (σ_min, σ_max) per discretisation, before clamping to the net's range
+    'vp': (math.sqrt(math.expm1(0.5 * 19.9 * 1e-3 ** 2 + 0.1 * 1e-3)), math.sqrt(math.expm1(0.5 * 19.9 + 0.1))),
+    've': (0.02, 100),
+    'iddpm': (0.002, 81),
+    'edm': (0.002, 80),
+}
+
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps=18,               # N: time steps before the final t = 0.
+    sigma_min=None,             # Lowest noise level; default per discretisation (ABLATION_DEFAULT_SIGMA_RANGES).
+    sigma_max=None,             # Highest noise level; default per discretisation.
+    rho=7,                      # Exponent of the 'edm' discretisation.
+    solver='heun',              # 'euler' (N evaluations) | 'heun' (2N−1).
+    discretization='edm',       # Time steps: 'vp' | 've' | 'iddpm' | 'edm'.
+    schedule='linear',          # Noise schedule σ(t): 'vp' | 've' | 'linear' (σ = t).
+    scaling='none',             # Signal scaling s(t): 'vp' | 'none'.
+    epsilon_s=1e-3,             # Last t of the 'vp' discretisation.
+    C_1=0.001,                  # iDDPM schedule constants.
+    C_2=0.008,
+    M=1000,
+    S_churn=0,                  # Stochasticity, as in edm_sampler.
+    S_min=0,
+    S_max=float('inf'),
+    S_noise=1,
+):
+    """EDM's generalised sampler (Karras et al. 2022, Algorithm 1 with churn), which reproduces the samplers
+    of VP, VE and iDDPM as special cases: dx/dt = (σ'/σ + s'/s)·x − (σ'·s/σ)·D(x/s; σ)."""
+    _check_num_steps(num_steps, 2)
+    if solver not in ('euler', 'heun'):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if discretization not in ABLATION_DEFAULT_SIGMA_RANGES:
+        raise ValueError(f'discretization must be one of {list(ABLATION_DEFAULT_SIGMA_RANGES)}, got {discretization!r}')
+    default_min, default_max = ABLATION_DEFAULT_SIGMA_RANGES[discretization]
+    sigma_min = max(default_min if sigma_min is None else sigma_min, net.sigma_min)
+    sigma_max = min(default_max if sigma_max is None else sigma_max, net.sigma_max)
+
+    device = latents.device
+    schedule_fns = _NoiseSchedule(schedule, *vp_betas_for_range(sigma_min, sigma_max, epsilon_s))
+    scaling_fns = _Scaling(scaling, schedule_fns)
+    sigma, sigma_deriv, sigma_inv, s, s_deriv = (schedule_fns.sigma, schedule_fns.sigma_deriv, schedule_fns.sigma_inv,
+        scaling_fns.s, scaling_fns.s_deriv)
+    sigma_steps = {
+        'vp': lambda: vp_sigmas(num_steps, sigma_min, sigma_max, epsilon_s, device=device),
+        've': lambda: ve_sigmas(num_steps, sigma_min, sigma_max, device=device),
+        'iddpm': lambda: iddpm_sigmas(num_steps, sigma_min, sigma_max, C_1, C_2, M, device=device),
+        'edm': lambda: edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device),
+    }[discretization]()
+    t_steps = sigma_inv(_round_sigma(net, sigma_steps))
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    gammas = _churn_gammas(sigma(t_steps[:-1]).tolist(), num_steps, S_churn, S_min, S_max)  # one host sync
+
+    def dx_dt(x, t):
+        denoised = _denoise(net, x / s(t), sigma(t), class_labels)
+        return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised
+
+    x_next = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))
+    for i, gamma in enumerate(gammas):
+        t_cur, t_next, x_cur = t_steps[i], t_steps[i + 1], x_next
+        t_hat = sigma_inv(_round_sigma(net, sigma(t_cur) * (1 + gamma)))
+        x_hat = s(t_hat) / s(t_cur) * x_cur
+        if S_churn > 0:  # drawn at every step once churn is on, as edm_sampler does
+            x_hat = x_hat + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+        h = t_next - t_hat
+        d_cur = dx_dt(x_hat, t_hat)
+        x_next = x_hat + h * d_cur
+        if solver == 'heun' and i < num_steps - 1:
+            x_next = x_hat + h * (0.5 * d_cur + 0.5 * dx_dt(x_next, t_next))
+    return x_next
+
+
+def singlestep_orders(num_solver_steps):
+    """Orders of the outer intervals of the "fast" order-3 singlestep DPM-Solver; they sum to num_solver_steps."""
+    num_intervals = num_solver_steps // 3 + 1
+    tail = {0: [2, 1], 1: [1], 2: [2]}[num_solver_steps % 3]
+    return [3] * (num_intervals - len(tail)) + tail
+
+
+def dpm_solver_pp(net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps=18,               # N network evaluations: N−1 solver steps plus the final denoising.
+    sigma_min=0.002,            # Last time point and the σ of the final denoising (not clamped to the net).
+    sigma_max=80,               # First time point.
+):
+    """DPM-Solver++ (Lu et al. 2022), data prediction, singlestep order 3 with the "dpmsolver" combination,
+    for the EDM process x = y + σn (α = 1, λ = −ln σ); time points uniform in λ, then x ← D(x; σ_min).
+    `randn_like` is unused: the solver is deterministic."""
+    _check_num_steps(num_steps, 2)
+    orders = singlestep_orders(num_steps - 1)
+    lambda_outer = (-logsnr_sigmas(len(orders) + 1, sigma_min, sigma_max, device=latents.device).log()).tolist()
+
+    x = latents.to(torch.float64) * sigma_max
+    for order, lambda_s, lambda_t in zip(orders, lambda_outer[:-1], lambda_outer[1:]):
+        x = _dpm_solver_pp_step(net, x, class_labels, lambda_s, lambda_t, order)
+    return _denoise(net, x, _sigma_tensor(sigma_min, x), class_labels)
+
+
+def _sigma_tensor(sigma, like):
+    return torch.as_tensor(sigma, dtype=torch.float64, device=like.device)
+
+
+def _dpm_solver_pp_step(net, x, class_labels, lambda_s, lambda_t, order):
+    """One singlestep DPM-Solver++ update of order 1, 2 (r1 = ½) or 3 (r1 = ⅓, r2 = ⅔) from λ_s to λ_t.
+
+    With α = 1 the exact solution is x_t = (σ_t/σ_s)·x_s + σ_t∫e^λ D dλ; φ_k below are its Taylor weights.
+    """
+    h = lambda_t - lambda_s
+    sigma_at = lambda fraction: math.exp(-(lambda_s + fraction * h))
+    D = lambda x_, fraction: _denoise(net, x_, _sigma_tensor(sigma_at(fraction), x_), class_labels)
+    phi_1 = math.expm1(-h)
+    D_s = D(x, 0)
+    if order == 1:
+        return math.exp(-h) * x - phi_1 * D_s
+    if order == 2:
+        r1 = 0.5
+        x_s1 = math.exp(-r1 * h) * x - math.expm1(-r1 * h) * D_s
+        D_s1 = D(x_s1, r1)
+        return math.exp(-h) * x - phi_1 * D_s - (0.5 / r1) * phi_1 * (D_s1 - D_s)
+    r1, r2 = 1 / 3, 2 / 3
+    phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
+    phi_2 = phi_1 / h + 1
+    x_s1 = math.exp(-r1 * h) * x - math.expm1(-r1 * h) * D_s
+    D_s1 = D(x_s1, r1)
+    x_s2 = math.exp(-r2 * h) * x - math.expm1(-r2 * h) * D_s + (r2 / r1) * phi_22 * (D_s1 - D_s)
+    D_s2 = D(x_s2, r2)
+    return math.exp(-h) * x - phi_1 * D_s + (1 / r2) * phi_2 * (D_s2 - D_s)
+
+
+def dpm_solver_2m(net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps=18,               # N network evaluations, one per step.
+    sigma_min=0.002,            # Last nonzero time point, raised to net.sigma_min if needed.
+    sigma_max=80,               # First time point, lowered to net.sigma_max if needed.
+):
+    """Multistep DPM-Solver++(2M) (Lu et al. 2022), data prediction, for the EDM process: N time points
+    uniform in log-SNR from σ_max to σ_min, then σ = 0. The first step is first order (no history) and so is
+    the last one into σ = 0, which is the plain denoising x ← D(x; σ_min). `randn_like` is unused."""
+    _check_num_steps(num_steps, 1)
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    sigmas = _round_sigma(net, logsnr_sigmas(num_steps, sigma_min, sigma_max, device=latents.device))
+    lambdas = (-sigmas.log()).tolist()  # one host sync, before the loop
+
+    x = latents.to(torch.float64) * sigmas[0]
+    D_prev, h_prev = None, None
+    for i in range(num_steps):
+        D_cur = _denoise(net, x, sigmas[i], class_labels)
+        if i == num_steps - 1:
+            return D_cur
+        h = lambdas[i + 1] - lambdas[i]
+        D_eff = D_cur
+        if D_prev is not None:
+            r = h_prev / h
+            D_eff = (1 + 0.5 / r) * D_cur - (0.5 / r) * D_prev
+        x = math.exp(-h) * x - math.expm1(-h) * D_eff
+        D_prev, h_prev = D_cur, h
+
+
+SAMPLERS = {
+    'edm': edm_sampler,
+    'ablation': ablation_sampler,
+    'dpm': dpm_solver_pp,
+    'dpm2m': dpm_solver_2m,
+}
+
+
+@torch.inference_mode()
+def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None):
+    """uint8 images [len(seeds), C, H, W] on `device` for one batch of seeds; image i depends on seeds[i] only."""
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f'unknown sampler {sampler_name!r}; expected one of {list(SAMPLERS)}')
+    latents, class_labels, generators = draw_latents_and_labels(net, seeds, device, class_idx)
+    images = SAMPLERS[sampler_name](net, latents, class_labels, randn_like=generators.randn_like, **sampler_kwargs)
+    return images_to_uint8(images)
