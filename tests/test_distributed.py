@@ -1,0 +1,115 @@
+"""torch_utils.distributed: single process without environment, no CUDA calls on CPU, 2 gloo ranks under torchrun."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from torch_utils import distributed
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+@pytest.fixture(autouse=True)
+def plain_process(monkeypatch):
+    """A process not started by torchrun, with no device chosen yet."""
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, '_device', None)
+
+
+def test_plain_process_is_rank_0_of_1_without_process_group():
+    assert distributed.init('cpu') == torch.device('cpu')
+    assert not dist.is_initialized()
+    assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.get_device() == torch.device('cpu')
+    assert distributed.get_backend() is None
+
+
+def test_single_process_helpers_are_no_ops(capsys):
+    distributed.init('cpu')
+    distributed.barrier()
+    tensor = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum_(tensor) is tensor and tensor.tolist() == [1.0, 2.0]
+    distributed.print0('hello', 1)
+    assert capsys.readouterr().out == 'hello 1\n'
+
+
+def test_cpu_init_makes_no_cuda_call(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError('CUDA was called on a CPU run')
+    for name in ('is_available', 'device_count', 'set_device', 'current_device', 'init', 'synchronize'):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    distributed.init('cpu')
+    distributed.get_device()
+    distributed.barrier()
+    distributed.all_reduce_sum_(torch.zeros(1))
+
+
+def test_auto_device_is_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert distributed.init() == torch.device('cpu')
+
+
+def test_cuda_request_without_cuda_raises(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='CUDA is not available'):
+        distributed.init('cuda')
+
+
+def test_unsupported_device_raises():
+    with pytest.raises(ValueError, match='meta'):
+        distributed.init('meta')
+
+
+def test_malformed_local_rank_names_the_variable(monkeypatch):
+    monkeypatch.setenv('LOCAL_RANK', 'zero')
+    with pytest.raises(ValueError, match='LOCAL_RANK'):
+        distributed.init('cpu')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_init_selects_local_rank_device():
+    device = distributed.init('cuda')
+    assert device == torch.device('cuda', 0) and torch.cuda.current_device() == 0
+
+
+RANKS_SCRIPT = """
+    import contextlib, io, json, sys
+    import torch
+    from torch_utils import distributed
+
+    device = distributed.init('cpu')
+    rank = distributed.get_rank()
+    total = distributed.all_reduce_sum_(torch.tensor([rank + 1.0], dtype=torch.float64))
+    distributed.barrier()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        distributed.print0('only on rank 0')
+    result = dict(rank=rank, local_rank=distributed.get_local_rank(), world=distributed.get_world_size(),
+                  backend=distributed.get_backend(), device=str(device), total=total.item(), printed=printed.getvalue())
+    with open(sys.argv[1] + f'/rank{rank}.json', 'w') as f:
+        json.dump(result, f)
+    distributed.shutdown()
+"""
+
+
+def test_two_gloo_ranks_under_torchrun(tmp_path):
+    script = tmp_path / 'ranks.py'
+    script.write_text(textwrap.dedent(RANKS_SCRIPT))
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(2):
+        output = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert output == dict(rank=rank, local_rank=rank, world=2, backend='gloo', device='cpu', total=3.0,
+                              printed='only on rank 0\n' if rank == 0 else '')
