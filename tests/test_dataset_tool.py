@@ -157,7 +157,8 @@ def test_mnist_folder_means_its_training_pair(tmp_path):
     write_mnist_pair(tmp_path, prefix='t10k', count=3, seed=1)
     images, _ = write_mnist_pair(tmp_path, prefix='train', count=5)
     assert run_tool('--source', tmp_path, '--dest', tmp_path / 'from_folder.zip').exit_code == 0
-    assert run_tool('--source', tmp_path / 'train-images-idx3-ubyte.gz', '--dest', tmp_path / 'from_file.zip').exit_code == 0
+    images_file = tmp_path / 'train-images-idx3-ubyte.gz'
+    assert run_tool('--source', images_file, '--dest', tmp_path / 'from_file.zip').exit_code == 0
     assert (tmp_path / 'from_folder.zip').read_bytes() == (tmp_path / 'from_file.zip').read_bytes()
     assert len(read_zip_dataset(tmp_path / 'from_folder.zip')[0]) == len(images)
 
@@ -260,7 +261,8 @@ def test_skip_bad_skips_and_reports_unreadable_images(tmp_path):
 # Bad input: one line naming the file or option.
 
 def test_missing_source(tmp_path):
-    assert_one_line_error(run_tool('--source', tmp_path / 'nope', '--dest', tmp_path / 'o.zip'), 'nope', 'does not exist')
+    result = run_tool('--source', tmp_path / 'nope', '--dest', tmp_path / 'o.zip')
+    assert_one_line_error(result, 'nope', 'does not exist')
 
 
 def test_unknown_source_type(tmp_path):
@@ -326,13 +328,15 @@ def test_destination_folder_not_empty(tmp_path):
     write_class_folders(tmp_path / 'src')
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'keep.txt').write_text('x')
-    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out'), 'out', 'not an empty folder')
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out')
+    assert_one_line_error(result, 'out', 'not an empty folder')
 
 
 def test_destination_zip_exists(tmp_path):
     write_class_folders(tmp_path / 'src')
     (tmp_path / 'o.zip').write_bytes(b'old')
-    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip'), 'o.zip', 'already exists')
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip')
+    assert_one_line_error(result, 'o.zip', 'already exists')
     assert (tmp_path / 'o.zip').read_bytes() == b'old'
 
 
