@@ -1,0 +1,253 @@
+"""Samplers, σ schedules and the seed → RNG rule (training/sampling.py)."""
+
+import math
+
+import pytest
+import torch
+
+from training import networks, sampling
+
+SOLVERS = {  # test id → (sampler name, options)
+    'edm': ('edm', {}),
+    'euler': ('ablation', dict(solver='euler')),
+    'dpm': ('dpm', {}),
+    'dpm2m': ('dpm2m', {}),
+    'vp-heun': ('ablation', dict(solver='heun', discretization='vp', schedule='vp', scaling='vp')),
+    've-heun': ('ablation', dict(solver='heun', discretization='ve', schedule='ve', scaling='none')),
+    'iddpm-euler': ('ablation', dict(solver='euler', discretization='iddpm', schedule='linear', scaling='none')),
+}
+
+
+class GaussianToy:
+    """Data ~ N(μ, s²) per pixel, whose exact denoiser is D(x; σ) = μ + s²/(s²+σ²)·(x − μ); counts its calls."""
+
+    label_dim = 0
+    img_channels = 1
+    img_resolution = 8
+    sigma_min = 0
+    sigma_max = float('inf')
+
+    def __init__(self, mean=0.3, std=0.5):
+        self.mean, self.std, self.num_calls = mean, std, 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.num_calls += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return self.mean + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x - self.mean)
+
+    def exact_sample(self, latents, sigma_max=80, sigma_min=0.002):
+        """The probability-flow ODE solved exactly from latents·σ_max down to σ_min, then denoised there."""
+        x_start = latents.to(torch.float64) * sigma_max
+        ratio = math.sqrt((self.std ** 2 + sigma_min ** 2) / (self.std ** 2 + sigma_max ** 2))
+        return self(self.mean + (x_start - self.mean) * ratio, sigma_min)
+
+
+def toy_latents(batch=256):
+    return torch.randn([batch, 1, 8, 8], generator=torch.Generator().manual_seed(0))
+
+
+def run_solver(net, solver_id, num_steps, **extra):
+    name, options = SOLVERS[solver_id]
+    return sampling.SAMPLERS[name](net, toy_latents(), None, num_steps=num_steps, **options, **extra)
+
+
+def max_error_vs_exact(solver_id, num_steps):
+    net = GaussianToy()
+    return (run_solver(net, solver_id, num_steps) - net.exact_sample(toy_latents())).abs().max().item()
+
+
+# ---- Published fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def published_runs(reference_dir):
+    """(file name, net, seeds, run) for every run of both sampler fixtures; nets built once per file."""
+    result = []
+    for file_name in ('samplers-fdm.pt', 'samplers-edm.pt'):
+        fixture = torch.load(reference_dir / file_name, weights_only=True)
+        ctor = dict(fixture['ctor'])
+        net = getattr(networks, ctor.pop('class_name'))(**ctor)
+        net.load_state_dict(fixture['state_dict'], strict=True)
+        net.eval()
+        result += [(file_name, net, fixture['seeds'], run) for run in fixture['runs']]
+    return result
+
+
+RUN_IDS = ['fdm-edm', 'fdm-edm-churn', 'fdm-dpm', 'edm-edm', 'edm-edm-churn', 'edm-vp-euler', 'edm-ve-heun', 'edm-iddpm-heun']
+
+
+@pytest.mark.parametrize('run_index', range(len(RUN_IDS)), ids=RUN_IDS)
+def test_published_sampler_runs_are_reproduced(published_runs, run_index):
+    file_name, net, seeds, run = published_runs[run_index]
+    latents, class_labels, generators = sampling.draw_latents_and_labels(net, seeds, 'cpu')
+    assert torch.equal(latents, run['latents'])
+    assert torch.equal(class_labels, run['class_labels'])
+
+    options = dict(run['config'])
+    sampler = sampling.SAMPLERS[options.pop('sampler')]
+    with torch.inference_mode():
+        images = sampler(net, latents, class_labels, randn_like=generators.randn_like, **options)
+    assert images.dtype == torch.float64
+    rel_error = ((images - run['images']).norm() / run['images'].norm()).item()
+    assert rel_error < (2e-3 if options.get('S_churn', 0) > 0 else 1e-4), (file_name, run['config'], rel_error)
+
+
+def test_every_published_run_is_tested(published_runs):
+    assert len(published_runs) == len(RUN_IDS)
+
+
+# ---- Seed → RNG rule ---------------------------------------------------------------------------------------
+
+
+def test_latent_of_a_seed_does_not_depend_on_its_batch():
+    net = GaussianToy()
+    alone, _, _ = sampling.draw_latents_and_labels(net, [7], 'cpu')
+    batched, _, _ = sampling.draw_latents_and_labels(net, [3, 7, 2**32 + 7], 'cpu')
+    assert torch.equal(batched[1], alone[0])
+    assert torch.equal(batched[2], alone[0])  # seeds are taken mod 2^32
+
+
+def test_seed_streams_draw_latent_then_label_then_step_noise():
+    net = GaussianToy()
+    net.label_dim = 5
+    latents, class_labels, generators = sampling.draw_latents_and_labels(net, [11], 'cpu')
+    noise = generators.randn_like(torch.zeros([1, 1, 8, 8], dtype=torch.float64))
+    g = torch.Generator().manual_seed(11)
+    assert torch.equal(latents[0], torch.randn([1, 8, 8], generator=g))
+    assert class_labels[0].argmax().item() == torch.randint(5, size=[], generator=g).item()
+    assert torch.equal(noise[0], torch.randn([1, 8, 8], generator=g, dtype=torch.float64))
+
+
+def test_fixed_class_still_consumes_the_label_draw():
+    net = GaussianToy()
+    net.label_dim = 5
+    _, free_labels, free_generators = sampling.draw_latents_and_labels(net, [1, 2], 'cpu')
+    _, fixed_labels, fixed_generators = sampling.draw_latents_and_labels(net, [1, 2], 'cpu', class_idx=3)
+    assert fixed_labels.argmax(dim=1).tolist() == [3, 3]
+    assert free_labels.sum(dim=1).tolist() == [1, 1]
+    x = torch.zeros([2, 1, 8, 8])
+    assert torch.equal(free_generators.randn_like(x), fixed_generators.randn_like(x))
+
+
+def test_unconditional_net_has_no_labels():
+    _, class_labels, _ = sampling.draw_latents_and_labels(GaussianToy(), [0], 'cpu')
+    assert class_labels is None
+
+
+@pytest.mark.parametrize('label_dim, class_idx', [(0, 0), (5, 5), (5, -1)])
+def test_bad_class_index_is_a_value_error(label_dim, class_idx):
+    net = GaussianToy()
+    net.label_dim = label_dim
+    with pytest.raises(ValueError, match='class'):
+        sampling.draw_latents_and_labels(net, [0], 'cpu', class_idx=class_idx)
+
+
+def test_images_to_uint8_rounds_to_nearest_and_clips():
+    levels = torch.tensor([-300, 0, 127.4, 127.5, 127.6, 254.9, 255, 400], dtype=torch.float64)  # x·127.5 + 127.5
+    assert sampling.images_to_uint8((levels - 127.5) / 127.5).tolist() == [0, 0, 127, 128, 128, 255, 255, 255]
+
+
+# ---- Schedules ---------------------------------------------------------------------------------------------
+
+
+def test_edm_sigmas_span_the_range_uniformly_in_sigma_to_the_one_over_rho():
+    sigmas = sampling.edm_sigmas(5, sigma_min=0.002, sigma_max=80, rho=7)
+    assert sigmas.dtype == torch.float64
+    assert sigmas[0].item() == pytest.approx(80) and sigmas[-1].item() == pytest.approx(0.002)
+    steps = sigmas ** (1 / 7)
+    assert torch.allclose(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(4))
+
+
+def test_vp_sigmas_refit_the_schedule_to_the_range():
+    sigmas = sampling.vp_sigmas(6, sigma_min=0.01, sigma_max=50)
+    assert sigmas[0].item() == pytest.approx(50) and sigmas[-1].item() == pytest.approx(0.01)
+    assert (sigmas[1:] < sigmas[:-1]).all()
+
+
+def test_ve_and_logsnr_sigmas_are_geometric():
+    for sigmas in (sampling.ve_sigmas(5, 0.02, 100), sampling.logsnr_sigmas(5, 0.02, 100)):
+        ratios = sigmas[1:] / sigmas[:-1]
+        assert sigmas[0].item() == pytest.approx(100) and sigmas[-1].item() == pytest.approx(0.02)
+        assert torch.allclose(ratios, ratios[0].expand(4))
+
+
+def test_iddpm_sigmas_are_levels_of_the_network_schedule():
+    net = networks.iDDPMPrecond(img_resolution=8, img_channels=1, model_channels=32, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    levels = sampling.iddpm_levels()
+    assert levels[-1].item() == 0 and (levels[1:] < levels[:-1]).all()
+    assert torch.allclose(levels.float(), net.u, rtol=1e-3)  # the network keeps the published float32 recursion
+    sigmas = sampling.iddpm_sigmas(7, sigma_min=0.002, sigma_max=81)
+    in_range = levels[(levels >= 0.002) & (levels <= 81)]
+    assert sigmas[0] == in_range[0] and sigmas[-1] == in_range[-1]
+    assert all((in_range == sigma).any() for sigma in sigmas)
+
+
+@pytest.mark.parametrize('num_solver_steps', range(1, 13))
+def test_singlestep_orders_cover_every_step(num_solver_steps):
+    orders = sampling.singlestep_orders(num_solver_steps)
+    assert sum(orders) == num_solver_steps
+    assert orders[:-2] == [3] * len(orders[:-2]) and all(order in (1, 2, 3) for order in orders)
+
+
+# ---- Evaluation counts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('solver_id, expected_nfe', [('edm', 2 * 7 - 1), ('euler', 7), ('dpm', 7), ('dpm2m', 7),
+    ('vp-heun', 2 * 7 - 1)])
+def test_network_evaluations_per_image(solver_id, expected_nfe):
+    net = GaussianToy()
+    run_solver(net, solver_id, num_steps=7)
+    assert net.num_calls == expected_nfe
+
+
+@pytest.mark.parametrize('num_steps', [2, 3, 4, 5, 6])
+def test_dpm_solver_uses_exactly_n_evaluations_for_every_order_pattern(num_steps):
+    net = GaussianToy()
+    run_solver(net, 'dpm', num_steps)
+    assert net.num_calls == num_steps
+
+
+@pytest.mark.parametrize('sampler_name, too_few_steps', [('edm', 1), ('ablation', 1), ('dpm', 1), ('dpm2m', 0)])
+def test_too_few_steps_is_a_value_error(sampler_name, too_few_steps):
+    with pytest.raises(ValueError, match='num_steps'):
+        sampling.SAMPLERS[sampler_name](GaussianToy(), toy_latents(2), num_steps=too_few_steps)
+
+
+# ---- Gaussian toy: distribution and convergence ------------------------------------------------------------
+
+
+STEPS_FOR_ONE_PERCENT_VARIANCE = {'euler': 256, 've-heun': 256, 'iddpm-euler': 128}  # the slow ones; others 32
+
+
+@pytest.mark.parametrize('solver_id', SOLVERS)
+def test_samples_match_the_gaussian_target(solver_id):
+    net = GaussianToy()
+    samples = run_solver(net, solver_id, num_steps=STEPS_FOR_ONE_PERCENT_VARIANCE.get(solver_id, 32))
+    assert samples.mean().item() == pytest.approx(net.mean, abs=0.02)
+    assert samples.var().item() == pytest.approx(net.std ** 2, rel=0.05)
+
+
+def test_stochastic_sampler_matches_the_gaussian_target():
+    net = GaussianToy()
+    noise = torch.Generator().manual_seed(1)
+    randn_like = lambda x: torch.randn(x.shape, dtype=x.dtype, generator=noise)
+    samples = sampling.edm_sampler(net, toy_latents(), randn_like=randn_like, num_steps=128, S_churn=10, S_min=0.05, S_max=50)
+    assert samples.mean().item() == pytest.approx(net.mean, abs=0.02)
+    assert samples.var().item() == pytest.approx(net.std ** 2, rel=0.05)
+
+
+@pytest.mark.parametrize('solver_id', ['edm', 'euler', 'dpm', 'dpm2m'])
+def test_error_falls_as_steps_grow(solver_id):
+    errors = [max_error_vs_exact(solver_id, num_steps) for num_steps in (8, 32, 128)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_heun_and_dpm_solver_converge_faster_than_euler():
+    order = lambda solver_id: math.log2(max_error_vs_exact(solver_id, 16) / max_error_vs_exact(solver_id, 64)) / 2
+    euler, heun, dpm, dpm2m = order('euler'), order('edm'), order('dpm'), order('dpm2m')
+    assert 0.8 < euler < 1.3
+    assert heun > 1.8 and dpm2m > 1.6
+    assert dpm > 2.5
