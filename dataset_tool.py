@@ -4,6 +4,7 @@ The output is an uncompressed ZIP archive (or a folder) of PNG images named `{i 
 plus `dataset.json` = {"labels": [[name, class], ...] or null}. All images are square, of one power-of-two
 size, and either all grayscale (1 channel) or all RGB (3 channels).
 
+\b
 Sources:
   cifar-10-python.tar.gz           the 50,000 CIFAR-10 training images, with labels
   *-images-idx3-ubyte[.gz]         MNIST-format images with the matching *-labels-idx1-ubyte[.gz]; a folder
@@ -13,10 +14,12 @@ Sources:
                                    the names of the folders holding the images (e.g. AFHQv2's cat/dog/wild)
                                    unless those are numbered shards such as FFHQ's 00000, 01000, ...
 
+\b
 Examples:
   python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
   python dataset_tool.py --source=downloads/ffhq/images1024x1024 --dest=datasets/ffhq-64x64.zip --resolution=64x64
   python dataset_tool.py --source=downloads/afhqv2 --dest=datasets/afhqv2-64x64.zip --resolution=64x64
+  python dataset_tool.py --source=/usr/share/datasets/fashion-mnist --dest=datasets/fashion-mnist-32x32.zip
 """
 
 import codecs
@@ -283,7 +286,7 @@ def open_image_folder(path):
     if not names:
         raise click.ClickException(f'--source: {path} holds no image files')
     json_path = root / 'dataset.json'
-    dataset_json = json_path.read_text() if json_path.is_file() else None
+    dataset_json = json_path.read_bytes() if json_path.is_file() else None
     labels, note = assign_labels(names, dataset_json, str(json_path))
     items = [SourceImage(str(files[name]), functools.partial(decode_image, files[name], str(files[name])), label)
              for name, label in zip(names, labels)]
@@ -300,7 +303,7 @@ def open_image_zip(path):
                    key=sort_key)
     if not names:
         raise click.ClickException(f'--source: {path} holds no image files')
-    dataset_json = archive.read('dataset.json').decode('utf-8') if 'dataset.json' in members else None
+    dataset_json = archive.read('dataset.json') if 'dataset.json' in members else None
     labels, note = assign_labels(names, dataset_json, f'{path}/dataset.json')
 
     def load(name):
@@ -431,7 +434,8 @@ def check_image(name, image, reference_shape):
 @click.option('--max-images', type=click.IntRange(min=1), help='Stop after this many images')
 @click.option('--max-per-class', type=click.IntRange(min=1),
               help='Keep only the first N images of each class (a balanced subset)')
-@click.option('--transform', type=click.Choice(['center-crop', 'center-crop-wide']), help='Crop before resizing')
+@click.option('--transform', type=click.Choice(['center-crop', 'center-crop-wide']),
+              help='center-crop: the central square; center-crop-wide: the central WxH band, padded to WxW')
 @click.option('--resolution', metavar='WxH', callback=parse_resolution, help='Resize to this size (Lanczos)')
 @click.option('--skip-bad', is_flag=True, help='Skip unreadable images instead of stopping')
 @click.option('--compress-level', type=click.IntRange(0, 9), default=0, show_default=True,
