@@ -293,6 +293,20 @@ def test_truncated_mnist_file_is_named(tmp_path):
                           'train-images-idx3-ubyte.gz', 'truncated')
 
 
+def test_dataset_json_without_a_label_for_an_image(tmp_path):
+    write_class_folders(tmp_path / 'src', classes=('a', 'b'), per_class=1)
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps({'labels': [['a/a_000.png', 0]]}))
+    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip'),
+                          'dataset.json', 'no label for b/b_000.png')
+
+
+def test_malformed_dataset_json(tmp_path):
+    write_class_folders(tmp_path / 'src', classes=('a', 'b'), per_class=1)
+    (tmp_path / 'src' / 'dataset.json').write_text('{"labels": [[')
+    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip'),
+                          'dataset.json', 'expected')
+
+
 def test_mixed_sizes_without_resolution(tmp_path):
     save_png(tmp_path / 'src' / 'a.png', np.zeros([8, 8, 3], np.uint8))
     save_png(tmp_path / 'src' / 'b.png', np.zeros([16, 16, 3], np.uint8))
