@@ -36,6 +36,9 @@ def atomic_write(path, mode='wb'):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file we write
     try:
         with os.fdopen(fd, mode) as f:
             yield f
