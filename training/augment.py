@@ -25,7 +25,8 @@ SYM6_CENTER = sum(k * tap for k, tap in enumerate(SYM6)) / sum(SYM6)
 
 # The augmentation labels, in the order the network's map_augment expects.
 LABEL_NAMES = (
-    'xflip', 'yflip', 'scale', 'rotate_cos_minus_1', 'rotate_sin', 'aniso_cos', 'aniso_sin', 'translate_x', 'translate_y',
+    'xflip', 'yflip', 'scale', 'rotate_cos_minus_1', 'rotate_sin',
+    'aniso_cos', 'aniso_sin', 'translate_x', 'translate_y',
 )
 
 

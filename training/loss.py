@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from torch_utils import persistence
+from training.networks import VPSchedule
 
 
 class WarmupSchedule:
@@ -41,11 +42,6 @@ class WarmupSchedule:
         """`weight` clamped from above by the cap of `step` (unchanged where no cap applies)."""
         cap = self.cap(step)
         return weight if cap is None else weight.clamp(max=cap)
-
-
-def vp_sigma(t, beta_d, beta_min):
-    """σ of the VP schedule at diffusion time t: √(exp(½β_d t² + β_min t) − 1)."""
-    return torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()
 
 
 class _DenoisingLoss:
@@ -87,7 +83,7 @@ class _DenoisingLoss:
 
 
 @persistence.persistent_class
-class VPLoss(_DenoisingLoss):
+class VPLoss(VPSchedule, _DenoisingLoss):
     """Variance-preserving loss: t uniform on [ε_t, 1], σ = σ_vp(t), weight 1/σ²."""
 
     def __init__(self,
@@ -105,7 +101,7 @@ class VPLoss(_DenoisingLoss):
 
     def sigma_and_weight(self, rnd_shape, device):
         t = 1 + torch.rand(rnd_shape, device=device) * (self.epsilon_t - 1)
-        sigma = vp_sigma(t, self.beta_d, self.beta_min)
+        sigma = self.sigma(t)
         return sigma, 1 / sigma ** 2
 
 
