@@ -1,6 +1,5 @@
 """Tests for training/augment.py: exact flips and identity, the 9-label layout, warps that match their labels."""
 
-import math
 import pickle
 
 import pytest

@@ -77,10 +77,10 @@ class AugmentPipe:
     ):
         if not 0 <= p <= 1:
             raise ValueError(f'augmentation probability p must lie in [0, 1], got {p!r}')
-        multipliers = dict(xflip=xflip, yflip=yflip, scale=scale, rotate_frac=rotate_frac, aniso=aniso,
+        non_negative = dict(xflip=xflip, yflip=yflip, scale=scale, rotate_frac=rotate_frac, aniso=aniso,
                            translate_frac=translate_frac, scale_std=scale_std, rotate_frac_max=rotate_frac_max,
                            aniso_std=aniso_std, translate_frac_std=translate_frac_std)
-        for name, value in multipliers.items():
+        for name, value in non_negative.items():
             if not value >= 0:
                 raise ValueError(f'augmentation option {name} must be non-negative, got {value!r}')
         if not 0 <= aniso_rotate_prob <= 1:
@@ -144,6 +144,7 @@ class AugmentPipe:
             frame = torch.where(rotated, frame, 0)
             aniso = torch.exp2(log2_aniso * self.aniso_std)
             output_to_input = output_to_input @ _rotation(-frame) @ _scaling(1 / aniso, aniso) @ _rotation(frame)
+            # As published: (w, r) and (−w, r + π) share these labels though they stretch along swapped axes.
             labels[:, 5] = log2_aniso * frame.cos()
             labels[:, 6] = log2_aniso * frame.sin()
             warped |= hit
