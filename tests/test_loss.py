@@ -215,3 +215,15 @@ def test_trains_a_network_without_augment_inputs_when_no_pipe_is_given():
     net = networks.EDMPrecond(label_dim=0, **SMALL_NET)
     loss = EDMLoss()(net, torch.rand([2, 3, 16, 16]) * 2 - 1)
     assert loss.shape == (2, 3, 16, 16) and torch.isfinite(loss).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_draws_sigma_and_noise_on_the_images_device():
+    device = torch.device('cuda')
+    net = networks.FDM_EDMPrecond(label_dim=10, augment_dim=9, **SMALL_NET).to(device)
+    images = torch.rand([4, 3, 16, 16], device=device) * 2 - 1
+    labels = torch.eye(10, device=device)[:4]
+    pipe = AugmentPipe(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    loss = EDMLoss(warmup_ite=10)(net, images, labels, pipe)
+    assert loss.device.type == 'cuda' and torch.isfinite(loss).all()
+    loss.sum().backward()
