@@ -162,6 +162,24 @@ def test_deepcopy_of_a_persistent_network_is_an_equal_independent_copy():
     assert not torch.equal(net.model.map_layer0.weight, copied.model.map_layer0.weight)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_deepcopy_of_a_cuda_network_stays_on_cuda():
+    net = small_net().cuda()
+    copied = copy.deepcopy(net)
+    assert all(tensor.is_cuda for tensor in copied.state_dict().values())
+    assert torch.equal(net_output(copied.cpu()), net_output(net.cpu()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('write', [save, lambda path, data: write_published(path, data, path.with_suffix('.marker'))])
+def test_pickle_of_a_cuda_network_loads_on_the_cpu(tmp_path, write):
+    net = small_net()
+    path = write(tmp_path / 'snapshot.pkl', dict(ema=copy.deepcopy(net).cuda()))
+    ema = persistence.load_network_pickle(path)['ema']
+    assert all(not tensor.is_cuda for tensor in ema.state_dict().values())
+    assert torch.equal(net_output(ema), net_output(net))
+
+
 def test_save_network_pickle_refuses_a_dict_without_ema(tmp_path):
     with pytest.raises(ValueError, match='ema'):
         persistence.save_network_pickle(tmp_path / 'snapshot.pkl', dict(net=small_net()))
