@@ -101,15 +101,45 @@ RANKS_SCRIPT = """
 """
 
 
-def test_two_gloo_ranks_under_torchrun(tmp_path):
-    script = tmp_path / 'ranks.py'
-    script.write_text(textwrap.dedent(RANKS_SCRIPT))
+def run_torchrun(script_text, tmp_path, nproc_per_node):
+    """Run a script under torchrun on this machine; it receives tmp_path as argv[1]."""
+    script = tmp_path / 'script.py'
+    script.write_text(textwrap.dedent(script_text))
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path)]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc_per_node}',
+           str(script), str(tmp_path)]
     result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_gloo_ranks_under_torchrun(tmp_path):
+    run_torchrun(RANKS_SCRIPT, tmp_path, nproc_per_node=2)
     for rank in range(2):
         output = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert output == dict(rank=rank, local_rank=rank, world=2, backend='gloo', device='cpu', total=3.0,
                               printed='only on rank 0\n' if rank == 0 else '')
+
+
+NCCL_SCRIPT = """
+    import json, sys
+    import torch
+    from torch_utils import distributed
+
+    device = distributed.init()
+    distributed.barrier()
+    on_cpu = distributed.all_reduce_sum_(torch.tensor([2.0]))
+    on_gpu = distributed.all_reduce_sum_(torch.tensor([3.0], device=device))
+    result = dict(device=str(device), current=torch.cuda.current_device(), backend=distributed.get_backend(),
+                  on_cpu=[str(on_cpu.device), on_cpu.item()], on_gpu=[str(on_gpu.device), on_gpu.item()])
+    with open(sys.argv[1] + '/rank0.json', 'w') as f:
+        json.dump(result, f)
+    distributed.shutdown()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_torchrun_on_cuda_uses_nccl_and_the_local_rank_device(tmp_path):
+    run_torchrun(NCCL_SCRIPT, tmp_path, nproc_per_node=1)
+    output = json.loads((tmp_path / 'rank0.json').read_text())
+    assert output == dict(device='cuda:0', current=0, backend='nccl', on_cpu=['cpu', 2.0], on_gpu=['cuda:0', 3.0])

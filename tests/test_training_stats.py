@@ -102,6 +102,15 @@ def test_unknown_statistic_has_no_samples():
     assert collector.num('never') == 0 and math.isnan(collector.mean('never')) and math.isnan(collector.std('never'))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_samples_on_cuda_and_cpu_are_collected_together():
+    training_stats.report('x', torch.tensor([1.0, 2.0], device='cuda'))
+    training_stats.report('x', torch.tensor([3.0]))
+    collector = training_stats.Collector()
+    collector.update()
+    assert collector.num('x') == 3 and collector.mean('x') == 2.0
+
+
 REDUCE_SCRIPT = """
     import json, sys
     import torch
