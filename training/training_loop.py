@@ -1,0 +1,492 @@
+"""The training loop: data, optimizer steps, EMA, progress ticks, snapshots and exactly resumable states.
+
+Randomness of a step (σ, noise, dropout, augmentation) comes from torch's global generator, re-seeded
+before every pass from (seed, step, global pass index). With the data order also global (each process takes
+its slice of one shared sequence), a run gives the same result whatever the number of processes, for a
+given --batch and --batch-gpu; a resumed run continues bit-for-bit.
+"""
+
+import copy
+import json
+import os
+import pickle
+import random
+import re
+import resource
+import signal
+import time
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+
+import dnnlib
+from torch_utils import distributed
+from torch_utils import misc
+from torch_utils import persistence
+from torch_utils import training_stats
+
+EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
+STATE_FORMAT = 'fdm-training-state'
+STATE_VERSION = 1
+STATE_FILE_RE = re.compile(r'training-state-(\d+)\.pt')
+STATE_KEYS = ('format', 'version', 'net', 'ema', 'optimizer', 'loss_fn', 'augment_pipe', 'cur_nimg', 'cur_step',
+              'cur_tick', 'tick_start_nimg', 'sampler_nimg', 'total_time_sec', 'rng_states', 'world_size', 'options')
+GRAD_LIMIT = 1e5                        # Infinite gradient entries are clipped to ±this; NaNs become 0.
+
+
+class TrainingStateError(ValueError):
+    """A training state or snapshot that cannot be used; the message names the file and what is wrong."""
+
+
+def snapshot_name(cur_nimg):
+    return f'network-snapshot-{cur_nimg // 1000:06d}.pkl'
+
+
+def state_name(cur_nimg):
+    return f'training-state-{cur_nimg // 1000:06d}.pt'
+
+
+def resolve_resume_path(path):
+    """A state file as given, or the newest `training-state-*.pt` in a run directory."""
+    if os.path.isdir(path):
+        found = [(int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_FILE_RE.fullmatch(name))]
+        if not found:
+            raise TrainingStateError(f'{path} contains no training-state-*.pt file')
+        return os.path.join(path, max(found)[1])
+    if not os.path.isfile(path):
+        raise TrainingStateError(f'{path} does not exist')
+    return path
+
+
+def load_training_state(path, mmap=False):
+    """Read a training state with `weights_only=True` (no code runs) and check that it is one of ours."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as err:  # torch reports truncation, bad zips and foreign pickles with assorted types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingStateError(f'{path} is not a readable training state (truncated or corrupt?): {reason}') from None
+    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+        raise TrainingStateError(f'{path} is not a training state written by this train.py')
+    if state.get('version') != STATE_VERSION:
+        raise TrainingStateError(f'{path} has state format version {state.get("version")}, expected {STATE_VERSION}')
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise TrainingStateError(f'{path} lacks {", ".join(missing)}')
+    return state
+
+
+def check_transferable(data, net):
+    """Check that the snapshot `data['ema']` has parameters of the same names and shapes as `net`."""
+    src = data.get('ema') if isinstance(data, dict) else None
+    if not isinstance(src, torch.nn.Module):
+        raise TrainingStateError('holds no network under "ema"')
+    src_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(src)}
+    dst_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(net)}
+    wrong = [f'{name} {src_shapes[name]} vs {shape}' for name, shape in dst_shapes.items()
+             if name in src_shapes and src_shapes[name] != shape]
+    if wrong:
+        raise TrainingStateError(f'{len(wrong)} tensors differ in shape from the network, e.g. {wrong[0]}')
+    if not any(name in src_shapes for name in dst_shapes):
+        raise TrainingStateError('shares no parameter names with the network')
+
+
+class _GlobalOrderSampler(torch.utils.data.Sampler):
+    """This process's share of one dataset order common to all processes.
+
+    Every global batch of `batch_size` consecutive items is cut into `world_size` contiguous slices, and
+    process `rank` yields slice `rank`; so the images of a step do not depend on the process count.
+    """
+
+    def __init__(self,
+        dataset,                # The training set.
+        rank,                   # This process's index.
+        world_size,             # Number of processes.
+        batch_size,             # Items of one optimizer step over all processes.
+        seed,                   # Seed of the shuffled order.
+        start_nimg,             # Items of the global order already consumed (resume).
+    ):
+        self.order = misc.InfiniteSampler(dataset, rank=0, num_replicas=1, shuffle=True, seed=seed, start_index=start_nimg)
+        self.rank = rank
+        self.batch_per_process = batch_size // world_size
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for position, index in enumerate(self.order):
+            if (position % self.batch_size) // self.batch_per_process == self.rank:
+                yield index
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step; a second signal aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        self.group = None
+        if distributed.get_world_size() > 1:  # a CPU side channel, so polling never syncs the GPU stream
+            self.group = dist.new_group(backend='gloo')
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print(f'\n{signal.Signals(signum).name}: finishing this step and saving the training state '
+              f'(send again to abort)', flush=True)
+        self.uninstall()
+
+    def agreed(self):
+        """True on every rank when any rank was signalled."""
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def _pass_seed(seed, step, pass_index):
+    """Seed of the generator for one forward/backward pass: a hash of the run seed, step and pass."""
+    return int(np.random.SeedSequence([seed, step, pass_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _rng_state(device):
+    """Every generator of this process as tensors and numbers, loadable with `weights_only=True`."""
+    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return dict(
+        torch_cpu   = torch.get_rng_state(),
+        torch_cuda  = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
+        numpy       = dict(keys=torch.from_numpy(np_keys.astype(np.int64)), pos=int(np_pos),
+                           has_gauss=int(np_has_gauss), cached_gaussian=float(np_cached)),
+        python      = dict(version=py_version, internal=torch.tensor(py_internal, dtype=torch.int64), gauss_next=py_gauss),
+    )
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state['torch_cpu'])
+    if device.type == 'cuda' and state['torch_cuda'] is not None:
+        torch.cuda.set_rng_state(state['torch_cuda'], device)
+    np_state = state['numpy']
+    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    py_state = state['python']
+    random.setstate((py_state['version'], tuple(py_state['internal'].tolist()), py_state['gauss_next']))
+
+
+def _gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, …] on every rank."""
+    if distributed.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * distributed.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _cpu_state_dict(module):
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
+
+
+def _save_snapshot(path, data):
+    save = getattr(persistence, 'save_network_pickle', None)
+    if save is not None:
+        save(path, data)
+        return
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        pickle.dump(data, f)
+
+
+def _peak_cpu_mem_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def training_loop(
+    run_dir             = '.',          # Output directory.
+    dataset_kwargs      = {},           # Options of the training set.
+    data_loader_kwargs  = {},           # Options of torch.utils.data.DataLoader.
+    network_kwargs      = {},           # Options of the preconditioned network.
+    loss_kwargs         = {},           # Options of the loss function.
+    optimizer_kwargs    = {},           # Options of the optimizer.
+    augment_kwargs      = None,         # Options of the augmentation pipe; None = no augmentation.
+    seed                = 0,            # Run seed: data order and every random draw derive from it.
+    batch_size          = 512,          # Images per optimizer step, over all processes.
+    batch_gpu           = None,         # Images per forward pass per process; None = batch_size / processes.
+    total_kimg          = 200000,       # Training duration in thousands of images.
+    ema_halflife_kimg   = 500,          # EMA half-life in thousands of images.
+    ema_rampup_ratio    = EMA_RAMPUP_RATIO, # EMA ramp-up coefficient; None = no ramp-up.
+    lr_rampup_kimg      = 10000,        # Learning rate ramp-up in thousands of images.
+    loss_scaling        = 1,            # Loss scaling factor (fp16 headroom).
+    kimg_per_tick       = 50,           # Progress line interval in thousands of images.
+    snapshot_ticks      = 50,           # Network snapshot interval in ticks; None = only at the end.
+    state_dump_ticks    = 500,          # Training state interval in ticks; None = only at the end.
+    resume_pkl          = None,         # Snapshot whose parameters start the run (--transfer).
+    resume_state        = None,         # Training state to continue exactly (--resume).
+    cudnn_benchmark     = True,         # cuDNN autotuning on CUDA.
+    allow_tf32          = False,        # TF32 matmuls/convolutions on CUDA (off: float32 stays float32).
+    precision           = 'fp32',       # 'fp32', 'fp16' (the network's use_fp16) or 'bf16' (autocast).
+    compile             = False,        # torch.compile the inner network.
+    device              = None,         # 'cpu' or 'cuda'; None = the device distributed.init() chose.
+):
+    """Train until `total_kimg` or a SIGINT/SIGTERM; returns a summary of the last tick."""
+    run_options = json.loads(json.dumps(dict(locals()), default=str))  # the arguments, recorded in every state
+    start_time = time.time()
+    if device is None:
+        device = distributed.get_device()
+    else:
+        device = torch.device(device)
+        if device.type == distributed.get_device().type:
+            device = distributed.get_device()  # carries the local rank's CUDA index
+    rank = distributed.get_rank()
+    world_size = distributed.get_world_size()
+    torch.manual_seed(seed)  # the same initial weights whatever the number of processes
+    np.random.seed((seed * world_size + rank) % (1 << 31))
+    random.seed(np.random.randint(1 << 31))
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    batch_per_process = batch_size // world_size
+    if batch_gpu is None or batch_gpu > batch_per_process:
+        batch_gpu = batch_per_process
+    num_rounds = batch_per_process // batch_gpu
+    if batch_size != batch_gpu * num_rounds * world_size:
+        raise ValueError(f'batch_size={batch_size} is not batch_gpu={batch_gpu} × rounds × {world_size} processes')
+
+    resume = None
+    if resume_state is not None:
+        resume = load_training_state(resume_state)
+    cur_nimg = resume['cur_nimg'] if resume else 0
+    cur_step = resume['cur_step'] if resume else 0
+
+    distributed.print0('Loading dataset...')
+    dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    sampler = _GlobalOrderSampler(dataset, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                                  start_nimg=resume['sampler_nimg'] if resume else 0)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+                                         generator=torch.Generator().manual_seed(seed), **data_loader_kwargs)
+    dataset_iterator = iter(loader)
+
+    distributed.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net.train().requires_grad_(True).to(device)
+    if distributed.is_main():
+        with torch.no_grad():
+            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            sigma = torch.ones([batch_gpu], device=device)
+            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+
+    distributed.print0('Setting up optimizer...')
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    if resume_pkl is not None:
+        distributed.print0(f'Loading network weights from "{resume_pkl}"...')
+        data = persistence.load_network_pickle(resume_pkl)
+        check_transferable(data, net)
+        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
+        del data
+    tick_start_nimg = cur_nimg
+    cur_tick = 0
+    time_offset_sec = 0.0                   # training time of the runs this one resumes
+    if resume is not None:
+        distributed.print0(f'Loading training state from "{resume_state}"...')
+        try:
+            net.load_state_dict(resume['net'])
+            ema.load_state_dict(resume['ema'])
+            optimizer.load_state_dict(resume['optimizer'])
+            loss_fn.load_state_dict(resume['loss_fn'])
+            if augment_pipe is not None and resume['augment_pipe'] is not None:
+                augment_pipe.load_state_dict(resume['augment_pipe'])
+        except (RuntimeError, ValueError, KeyError) as err:
+            reason = str(err).strip().splitlines()[0]
+            raise TrainingStateError(f'{resume_state} does not fit this network/optimizer: {reason}') from None
+        cur_tick = resume['cur_tick']
+        tick_start_nimg = resume['tick_start_nimg']
+        time_offset_sec = resume['total_time_sec']
+
+    ddp = net
+    if world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
+                                                        broadcast_buffers=False)
+    if compile:
+        net.model.compile()
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
+    net_params = list(net.parameters())
+    ema_params = list(ema.parameters())
+    net_buffers = [b for b in net.buffers() if b.is_floating_point()]
+    ema_buffers = [b for b in ema.buffers() if b.is_floating_point()]
+    stop = _StopRequest()
+
+    if resume is not None:
+        if resume['world_size'] == world_size:
+            _set_rng_state(resume['rng_states'][rank], device)
+        else:
+            distributed.print0(f'Note: the state was written by {resume["world_size"]} processes; '
+                               f'random generators start afresh')
+        del resume
+
+    stats_jsonl = None
+    if run_dir is not None and distributed.is_main():
+        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+
+    def save_state():
+        rng_states = _gather_objects(_rng_state(device))
+        if not distributed.is_main():
+            return
+        state = dict(
+            format          = STATE_FORMAT,
+            version         = STATE_VERSION,
+            net             = _cpu_state_dict(net),
+            ema             = _cpu_state_dict(ema),
+            optimizer       = optimizer.state_dict(),
+            loss_fn         = loss_fn.state_dict(),
+            augment_pipe    = augment_pipe.state_dict() if hasattr(augment_pipe, 'state_dict') else None,
+            cur_nimg        = cur_nimg,
+            cur_step        = cur_step,
+            cur_tick        = cur_tick,
+            tick_start_nimg = tick_start_nimg,
+            sampler_nimg    = cur_nimg,
+            total_time_sec  = time_offset_sec + time.time() - start_time,
+            rng_states      = rng_states,
+            world_size      = world_size,
+            options         = run_options,
+        )
+        with dnnlib.util.atomic_write(os.path.join(run_dir, state_name(cur_nimg)), 'wb') as f:
+            torch.save(state, f)
+
+    def save_snapshot():
+        data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+        for key, value in data.items():
+            if isinstance(value, torch.nn.Module):
+                value = copy.deepcopy(value).eval().requires_grad_(False)
+                if world_size > 1:
+                    misc.check_ddp_consistency(value)
+                data[key] = value.cpu()
+        if distributed.is_main():
+            _save_snapshot(os.path.join(run_dir, snapshot_name(cur_nimg)), data)
+
+
+    total_nimg = total_kimg * 1000
+    distributed.print0(f'Training for {total_kimg:g} kimg from {cur_nimg / 1000:g} kimg...')
+    distributed.print0()
+    tick_start_time = time.time()
+    maintenance_sec = tick_start_time - start_time
+    summary = dnnlib.EasyDict(cur_nimg=cur_nimg, cur_step=cur_step, stopped=False)
+    stop.install()
+    try:
+        while True:
+            # One optimizer step over `num_rounds` accumulated passes.
+            optimizer.zero_grad(set_to_none=True)
+            for round_idx in range(num_rounds):
+                with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
+                    images, labels = next(dataset_iterator)
+                    images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+                    labels = labels.to(device, non_blocking=True)
+                    torch.manual_seed(_pass_seed(seed, cur_step, rank * num_rounds + round_idx))
+                    with torch.autocast(**autocast):
+                        loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                    training_stats.report('Loss/loss', loss)
+                    loss.sum().mul(loss_scaling / batch_per_process).backward()
+            lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            for param in net_params:
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT, out=param.grad)
+            optimizer.step()
+            loss_fn.advance()
+
+            ema_halflife_nimg = ema_halflife_kimg * 1000
+            if ema_rampup_ratio is not None:
+                ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+            ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, net_params, 1 - ema_beta)
+                if net_buffers:
+                    torch._foreach_copy_(ema_buffers, net_buffers)
+
+            cur_nimg += batch_size
+            cur_step += 1
+            finished = cur_nimg >= total_nimg
+            stopping = stop.agreed()
+            if not (finished or stopping or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000):
+                continue
+
+            # Progress tick.
+            tick_end_time = time.time()
+            tick_sec = tick_end_time - tick_start_time
+            sec_per_kimg = tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1000
+            total_time_sec = time_offset_sec + tick_end_time - start_time
+            cpu_mem_gb = psutil.Process().memory_info().rss / 2**30
+            gpu_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+            training_stats.report0('Progress/tick', cur_tick)
+            training_stats.report0('Progress/kimg', cur_nimg / 1e3)
+            training_stats.report0('Timing/total_sec', total_time_sec)
+            training_stats.report0('Timing/sec_per_tick', tick_sec)
+            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/maintenance_sec', maintenance_sec)
+            training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
+            training_stats.report0('Resources/peak_cpu_mem_gb', _peak_cpu_mem_gb())
+            training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem_gb)
+            training_stats.default_collector.update()
+            loss_mean = training_stats.default_collector.mean('Loss/loss')
+            eta_sec = max(total_nimg - cur_nimg, 0) / 1000 * sec_per_kimg
+            fields = [
+                f'tick {cur_tick:<5d}',
+                f'kimg {cur_nimg / 1e3:<9.3f}',
+                f'time {dnnlib.util.format_time(total_time_sec):<12s}',
+                f'sec/tick {tick_sec:<7.1f}',
+                f'sec/kimg {sec_per_kimg:<7.2f}',
+                f'eta {dnnlib.util.format_time(eta_sec):<12s}',
+                f'maintenance {maintenance_sec:<6.1f}',
+                f'cpumem {cpu_mem_gb:<6.2f}',
+            ]
+            if device.type == 'cuda':
+                fields.append(f'gpumem {gpu_mem_gb:<6.2f}')
+                torch.cuda.reset_peak_memory_stats(device)
+            fields.append(f'loss {loss_mean:<8.4f}')
+            distributed.print0(' '.join(fields))
+            summary = dnnlib.EasyDict(cur_nimg=cur_nimg, cur_step=cur_step, cur_tick=cur_tick, stopped=stopping,
+                                      sec_per_kimg=sec_per_kimg, peak_cpu_mem_gb=_peak_cpu_mem_gb(),
+                                      peak_gpu_mem_gb=gpu_mem_gb, loss=loss_mean)
+
+            # Counters move first, so that a state written now resumes at the next tick.
+            ended_tick = cur_tick
+            cur_tick += 1
+            tick_start_nimg = cur_nimg
+            if run_dir is not None:
+                if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
+                    save_snapshot()
+                if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
+                                            and ended_tick != 0):
+                    save_state()
+            if stats_jsonl is not None:
+                stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
+                stats_jsonl.flush()
+            tick_start_time = time.time()
+            maintenance_sec = tick_start_time - tick_end_time
+            if finished or stopping:
+                break
+    finally:
+        stop.uninstall()
+        if stats_jsonl is not None:
+            stats_jsonl.close()
+
+    if stopping and not finished:
+        distributed.print0('Stopped on request; resume with --resume=' + (run_dir or '<run dir>'))
+    else:
+        distributed.print0('Exiting...')
+    return summary
