@@ -141,9 +141,10 @@ def _round_sigma(net, sigma):
     return net.round_sigma(sigma).to(torch.float64)
 
 
-def _check_num_steps(num_steps, minimum):
+def _check_num_steps(num_steps, sampler_name):
+    minimum = MIN_NUM_STEPS[sampler_name]
     if int(num_steps) != num_steps or num_steps < minimum:
-        raise ValueError(f'num_steps must be an integer >= {minimum}, got {num_steps}')
+        raise ValueError(f'num_steps must be an integer >= {minimum} for the {sampler_name} sampler, got {num_steps}')
 
 
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
@@ -157,7 +158,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     S_noise=1,                  # Scale of the added noise (slightly > 1 offsets denoiser over-smoothing).
 ):
     """EDM's second-order Heun sampler with optional churn (Karras et al. 2022, Algorithm 2)."""
-    _check_num_steps(num_steps, 2)
+    _check_num_steps(num_steps, 'edm')
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     sigmas = _round_sigma(net, edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device))
@@ -253,7 +254,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 ):
     """EDM's generalised sampler (Karras et al. 2022, Algorithm 1 with churn), which reproduces the samplers
     of VP, VE and iDDPM as special cases: dx/dt = (σ'/σ + s'/s)·x − (σ'·s/σ)·D(x/s; σ)."""
-    _check_num_steps(num_steps, 2)
+    _check_num_steps(num_steps, 'ablation')
     if solver not in ('euler', 'heun'):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     if discretization not in ABLATION_DEFAULT_SIGMA_RANGES:
@@ -311,7 +312,7 @@ def dpm_solver_pp(net, latents, class_labels=None, randn_like=torch.randn_like,
     """DPM-Solver++ (Lu et al. 2022), data prediction, singlestep order 3 with the "dpmsolver" combination,
     for the EDM process x = y + σn (α = 1, λ = −ln σ); time points uniform in λ, then x ← D(x; σ_min).
     `randn_like` is unused: the solver is deterministic."""
-    _check_num_steps(num_steps, 2)
+    _check_num_steps(num_steps, 'dpm')
     orders = singlestep_orders(num_steps - 1)
     lambda_outer = (-logsnr_sigmas(len(orders) + 1, sigma_min, sigma_max, device=latents.device).log()).tolist()
 
@@ -360,7 +361,7 @@ def dpm_solver_2m(net, latents, class_labels=None, randn_like=torch.randn_like,
     """Multistep DPM-Solver++(2M) (Lu et al. 2022), data prediction, for the EDM process: N time points
     uniform in log-SNR from σ_max to σ_min, then σ = 0. The first step is first order (no history) and so is
     the last one into σ = 0, which is the plain denoising x ← D(x; σ_min). `randn_like` is unused."""
-    _check_num_steps(num_steps, 1)
+    _check_num_steps(num_steps, 'dpm2m')
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     sigmas = _round_sigma(net, logsnr_sigmas(num_steps, sigma_min, sigma_max, device=latents.device))
@@ -387,6 +388,8 @@ SAMPLERS = {
     'dpm': dpm_solver_pp,
     'dpm2m': dpm_solver_2m,
 }
+
+MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1}  # the σ schedules need two points; 2M can just denoise
 
 
 @torch.inference_mode()

@@ -1,0 +1,198 @@
+"""generate.py: per-seed PNGs independent of batching and process count, grids, option handling, errors."""
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from training import networks, sampling
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = '0-3,1000'
+
+
+def tiny_net(label_dim):
+    """A small EDM net whose weights are perturbed, so that the images depend on every input (labels too)."""
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type='SongUNet',
+        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return net
+
+
+@pytest.fixture(scope='module')
+def network_pickles(tmp_path_factory):
+    """Snapshots in this project's format: a conditional (4 classes) and an unconditional tiny EDM net."""
+    folder = tmp_path_factory.mktemp('networks')
+    paths = {}
+    for name, label_dim in (('cond', 4), ('uncond', 0)):
+        paths[name] = folder / f'{name}.pkl'
+        paths[name].write_bytes(pickle.dumps({'ema': tiny_net(label_dim)}))
+    return paths
+
+
+def run_generate(*args):
+    return CliRunner().invoke(generate.main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def generate_files(network, outdir, *extra):
+    result = run_generate('--network', network, '--outdir', outdir, '--seeds', SEEDS, '--steps', 3, *extra)
+    assert result.exit_code == 0, result.output
+    return read_tree(outdir)
+
+
+def read_tree(folder):
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), 'rb').read()
+        for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.fixture(scope='module')
+def batch3_run(network_pickles, tmp_path_factory):
+    """PNG files (name → bytes) and the grid of a run with --batch 3 --grid."""
+    folder = tmp_path_factory.mktemp('batch3')
+    files = generate_files(network_pickles['cond'], folder / 'out', '--batch', 3, '--grid', folder / 'grid.png')
+    return files, np.asarray(PIL.Image.open(folder / 'grid.png'))
+
+
+@pytest.fixture(scope='module')
+def batch3_files(batch3_run):
+    return batch3_run[0]
+
+
+@pytest.fixture(scope='module')
+def batch1_subdirs_files(network_pickles, tmp_path_factory):
+    return generate_files(network_pickles['cond'], tmp_path_factory.mktemp('batch1'), '--batch', 1, '--subdirs')
+
+
+# ---- Same files whatever the batching ----------------------------------------------------------------------
+
+
+def test_one_png_per_seed_named_by_seed(batch3_files):
+    assert sorted(batch3_files) == ['000000.png', '000001.png', '000002.png', '000003.png', '001000.png']
+
+
+def test_batch_size_does_not_change_the_files(batch1_subdirs_files, batch3_files):
+    assert {os.path.basename(name): data for name, data in batch1_subdirs_files.items()} == batch3_files
+
+
+def test_two_processes_write_the_same_files(network_pickles, batch3_files, tmp_path):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py',
+        '--network', str(network_pickles['cond']), '--outdir', str(tmp_path), '--seeds', SEEDS, '--steps', '3',
+        '--batch', '2', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_tree(tmp_path) == batch3_files
+
+
+def test_png_holds_the_library_images(network_pickles, batch3_files):
+    net = pickle.loads(network_pickles['cond'].read_bytes())['ema']
+    expected = sampling.generate_images(net, [0, 1000], 'edm', dict(num_steps=3), 'cpu')
+    for seed, image in zip([0, 1000], expected):
+        png = np.asarray(PIL.Image.open(io.BytesIO(batch3_files[f'{seed:06d}.png'])))
+        assert np.array_equal(png, image.permute(1, 2, 0).numpy())
+
+
+def test_subdirs_group_seeds_by_thousand(batch1_subdirs_files):
+    expected = [os.path.join('000000', f'{seed:06d}.png') for seed in range(4)] + [os.path.join('001000', '001000.png')]
+    assert sorted(batch1_subdirs_files) == expected
+
+
+def test_grid_tiles_every_image_in_seed_order(batch3_run):
+    batch3_files, grid = batch3_run
+    assert grid.shape == (16, 24, 3)  # 5 images in 3 columns, 2 rows
+    cells = [grid[:8, :8], grid[:8, 8:16], grid[:8, 16:], grid[8:, :8], grid[8:, 8:16]]
+    for cell, name in zip(cells, sorted(batch3_files)):
+        assert np.array_equal(cell, np.asarray(PIL.Image.open(io.BytesIO(batch3_files[name]))))
+    assert not grid[8:, 16:].any()
+
+
+def test_fixed_class_changes_the_images(network_pickles, batch3_files, tmp_path):
+    drawn_class = sampling.draw_latents_and_labels(tiny_net(4), [0], 'cpu')[1].argmax().item()
+    other_class = (drawn_class + 1) % 4
+    result = run_generate('--network', network_pickles['cond'], '--outdir', tmp_path, '--seeds', 0, '--steps', 3, '--class', other_class)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / '000000.png').read_bytes() != batch3_files['000000.png']
+
+
+def test_gray_images_are_saved_as_single_channel_png(tmp_path):
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    generate.save_png(tmp_path / 'gray.png', image)
+    loaded = PIL.Image.open(tmp_path / 'gray.png')
+    assert loaded.mode == 'L' and np.array_equal(np.asarray(loaded), image[:, :, 0])
+
+
+# ---- Option handling ---------------------------------------------------------------------------------------
+
+
+def test_seed_list_parses_ranges_and_drops_duplicates():
+    assert generate.SeedList().convert('0-3,10,2, 7 - 8', None, None) == [0, 1, 2, 3, 10, 7, 8]
+
+
+@pytest.mark.parametrize('options, expected', [
+    ({}, 'edm'),
+    (dict(solver='heun'), 'ablation'),
+    (dict(solver='euler'), 'ablation'),
+    (dict(discretization='vp'), 'ablation'),
+    (dict(scaling='none'), 'ablation'),
+    (dict(solver='dpm'), 'dpm'),
+    (dict(solver='dpm2m'), 'dpm2m'),
+])
+def test_sampler_choice_follows_the_options(options, expected):
+    args = [options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')]
+    assert generate.choose_sampler(*args) == expected
+
+
+@pytest.mark.parametrize('num_seeds, max_batch_size, world_size', [(5, 3, 1), (5, 2, 2), (1, 4, 2), (17, 4, 3)])
+def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_size):
+    seeds = list(range(100, 100 + num_seeds))
+    per_rank = [generate.split_seeds(seeds, max_batch_size, rank, world_size)[0] for rank in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1  # every rank runs the same number of rounds
+    assert all(len(batch) <= max_batch_size for batches in per_rank for batch in batches)
+    assert sorted(seed for batches in per_rank for batch in batches for seed in batch.tolist()) == seeds
+
+
+# ---- Bad input: one line, no traceback ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--network', '{missing}'], '--network'),
+    (['--network', '{garbage}'], '--network'),
+    (['--seeds', '3-x'], "'--seeds'"),
+    (['--seeds', '5-2'], "'--seeds'"),
+    (['--seeds', ''], "'--seeds'"),
+    (['--class', '4'], '--class 4'),
+    (['--class', '-1'], "'--class'"),
+    (['--network', '{uncond}', '--class', '0'], 'unconditional'),
+    (['--solver', 'rk4'], "'--solver'"),
+    (['--steps', '0'], '--steps'),
+    (['--solver', 'dpm', '--steps', '1'], '--steps'),
+    (['--solver', 'dpm', '--disc', 'vp'], '--disc'),
+    (['--solver', 'dpm2m', '--S_churn', '10'], '--S_churn'),
+    (['--outdir', None], '--outdir'),
+])
+def test_bad_input_is_a_one_line_error(network_pickles, tmp_path, args, message):
+    garbage = tmp_path / 'garbage.pkl'
+    garbage.write_bytes(b'not a pickle')
+    paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'])
+    defaults = {'--network': str(network_pickles['cond']), '--outdir': str(tmp_path / 'out'), '--steps': '3', '--seeds': '0'}
+    for flag, value in zip(args[::2], args[1::2]):
+        defaults[flag] = value.format(**paths) if value is not None else None
+    argv = [item for flag, value in defaults.items() if value is not None for item in (flag, value)]
+    result = CliRunner().invoke(generate.main, argv)
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and message in error_lines[0], result.output
+    assert 'Traceback' not in result.output
+    assert not os.path.exists(tmp_path / 'out')
