@@ -199,20 +199,32 @@ def test_images_must_be_a_batch():
         AugmentPipe(p=1, xflip=1)(torch.zeros([3, 8, 8]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_runs_on_cuda_like_on_cpu():
-    images = random_smooth_images(16).cuda()
-    out, labels = AugmentPipe(p=0.5, **EVERY_TRANSFORM)(images)
-    assert out.device == images.device and labels.device == images.device and labels.shape == (16, 9)
-    identity, zero_labels = AugmentPipe(p=0, **EVERY_TRANSFORM)(images)
-    assert torch.equal(identity, images) and torch.count_nonzero(zero_labels) == 0
-    linear, offset = expected_warp(labels.cpu(), 16)
-    cpu_out = images.cpu().clone()
-    warped = (labels[:, 2:] != 0).any(dim=1).cpu()
-    flips_x, flips_y = labels[:, 0].cpu() == 1, labels[:, 1].cpu() == 1
-    cpu_out[flips_x] = cpu_out[flips_x].flip(3)
-    cpu_out[flips_y] = cpu_out[flips_y].flip(2)
+def assert_pipe_is_flips_then_the_warp_its_labels_describe(device):
+    """Rebuild the pipe's output on the CPU from its labels (frames unrotated: aniso labels then unambiguous)."""
+    torch.manual_seed(13)
+    images = random_smooth_images(16).to(device)
+    out, labels = AugmentPipe(p=0.5, **EVERY_TRANSFORM, aniso_rotate_prob=0)(images)
+    assert out.device == images.device and labels.device == images.device
+    labels, rebuilt = labels.cpu(), images.cpu().clone()
+    flips_x, flips_y = labels[:, 0] == 1, labels[:, 1] == 1
+    rebuilt[flips_x] = rebuilt[flips_x].flip(3)
+    rebuilt[flips_y] = rebuilt[flips_y].flip(2)
+    linear, offset = expected_warp(labels, 16, aniso_sign=torch.where(labels[:, 5] >= 0, 1.0, -1.0))
     matrices = torch.eye(3).repeat(16, 1, 1)
     matrices[:, :2, :2], matrices[:, :2, 2] = linear, offset
-    cpu_out[warped] = warp(cpu_out[warped], matrices[warped])
-    torch.testing.assert_close(out.cpu(), cpu_out, rtol=0, atol=1e-4)
+    warped = (labels[:, 2:] != 0).any(dim=1)
+    assert 0 < warped.sum() < 16
+    rebuilt[warped] = warp(rebuilt[warped], matrices[warped])
+    torch.testing.assert_close(out.cpu(), rebuilt, rtol=0, atol=1e-4)
+
+
+def test_pipe_is_flips_then_the_warp_its_labels_describe():
+    assert_pipe_is_flips_then_the_warp_its_labels_describe(torch.device('cpu'))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_runs_on_cuda_like_on_cpu():
+    assert_pipe_is_flips_then_the_warp_its_labels_describe(torch.device('cuda'))
+    images = random_smooth_images(16).cuda()
+    identity, zero_labels = AugmentPipe(p=0, **EVERY_TRANSFORM)(images)
+    assert torch.equal(identity, images) and torch.count_nonzero(zero_labels) == 0
