@@ -1,6 +1,8 @@
 """Samplers, σ schedules and the seed → RNG rule (training/sampling.py)."""
 
+import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -251,3 +253,57 @@ def test_heun_and_dpm_solver_converge_faster_than_euler():
     assert 0.8 < euler < 1.3
     assert heun > 1.8 and dpm2m > 1.6
     assert dpm > 2.5
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+
+@pytest.fixture
+def exact_float32_on_cuda():
+    """TF32 off, so that CUDA convolutions are comparable with the CPU fixtures at 1e-4."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize('run_index', [0, 2, 3, 5, 6, 7], ids=[RUN_IDS[i] for i in [0, 2, 3, 5, 6, 7]])
+def test_published_deterministic_runs_are_reproduced_on_cuda(published_runs, run_index, exact_float32_on_cuda):
+    _, net, _, run = published_runs[run_index]
+    options = dict(run['config'])
+    sampler = sampling.SAMPLERS[options.pop('sampler')]
+    with torch.inference_mode():
+        images = sampler(copy.deepcopy(net).cuda(), run['latents'].cuda(), run['class_labels'].cuda(), **options)
+    rel_error = ((images.cpu() - run['images']).norm() / run['images'].norm()).item()
+    assert rel_error < 1e-4, (run['config'], rel_error)
+
+
+@needs_cuda
+def test_cuda_latent_of_a_seed_does_not_depend_on_its_batch():
+    alone, _, _ = sampling.draw_latents_and_labels(GaussianToy(), [7], 'cuda')
+    batched, _, _ = sampling.draw_latents_and_labels(GaussianToy(), [3, 7], 'cuda')
+    assert alone.device.type == 'cuda' and torch.equal(batched[1], alone[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize('solver_id', ['edm', 'euler', 'dpm', 'dpm2m', 'vp-heun', 'iddpm-euler'])
+def test_no_host_sync_per_step_on_cuda(published_runs, solver_id):
+    net = copy.deepcopy(published_runs[0][1]).cuda()
+    name, options = SOLVERS[solver_id]
+    latents = torch.randn([2, 3, 16, 16], device='cuda')
+
+    def count_syncs(num_steps):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                sampling.SAMPLERS[name](net, latents, None, num_steps=num_steps, **options)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        return sum('synchroniz' in str(w.message) for w in caught)
+
+    assert count_syncs(3) == count_syncs(6)

@@ -313,43 +313,44 @@ def dpm_solver_pp(net, latents, class_labels=None, randn_like=torch.randn_like,
     for the EDM process x = y + σn (α = 1, λ = −ln σ); time points uniform in λ, then x ← D(x; σ_min).
     `randn_like` is unused: the solver is deterministic."""
     _check_num_steps(num_steps, 'dpm')
-    orders = singlestep_orders(num_steps - 1)
-    lambda_outer = (-logsnr_sigmas(len(orders) + 1, sigma_min, sigma_max, device=latents.device).log()).tolist()
+    lambda_outer = (-logsnr_sigmas(len(singlestep_orders(num_steps - 1)) + 1, sigma_min, sigma_max).log()).tolist()
+    intervals = list(zip(singlestep_orders(num_steps - 1), lambda_outer[:-1], lambda_outer[1:]))
+    eval_sigmas = [math.exp(-(lambda_s + r * (lambda_t - lambda_s)))
+        for order, lambda_s, lambda_t in intervals for r in SINGLESTEP_FRACTIONS[order]] + [sigma_min]
+    eval_sigmas = iter(torch.tensor(eval_sigmas, dtype=torch.float64, device=latents.device))  # one copy, before the loop
+    denoise_next = lambda x_: _denoise(net, x_, next(eval_sigmas), class_labels)
 
     x = latents.to(torch.float64) * sigma_max
-    for order, lambda_s, lambda_t in zip(orders, lambda_outer[:-1], lambda_outer[1:]):
-        x = _dpm_solver_pp_step(net, x, class_labels, lambda_s, lambda_t, order)
-    return _denoise(net, x, _sigma_tensor(sigma_min, x), class_labels)
+    for order, lambda_s, lambda_t in intervals:
+        x = _dpm_solver_pp_step(denoise_next, x, lambda_t - lambda_s, order)
+    return denoise_next(x)
 
 
-def _sigma_tensor(sigma, like):
-    return torch.as_tensor(sigma, dtype=torch.float64, device=like.device)
+SINGLESTEP_FRACTIONS = {1: [0], 2: [0, 1 / 2], 3: [0, 1 / 3, 2 / 3]}  # where in [λ_s, λ_t] each order evaluates D
 
 
-def _dpm_solver_pp_step(net, x, class_labels, lambda_s, lambda_t, order):
-    """One singlestep DPM-Solver++ update of order 1, 2 (r1 = ½) or 3 (r1 = ⅓, r2 = ⅔) from λ_s to λ_t.
+def _dpm_solver_pp_step(denoise_next, x, h, order):
+    """One singlestep DPM-Solver++ update of order 1, 2 (r1 = ½) or 3 (r1 = ⅓, r2 = ⅔) over a λ-interval h.
 
-    With α = 1 the exact solution is x_t = (σ_t/σ_s)·x_s + σ_t∫e^λ D dλ; φ_k below are its Taylor weights.
+    `denoise_next(x)` evaluates D at the next of the interval's points (SINGLESTEP_FRACTIONS). With α = 1 the
+    exact solution is x_t = (σ_t/σ_s)·x_s + σ_t∫e^λ D dλ; the φ below are its Taylor weights.
     """
-    h = lambda_t - lambda_s
-    sigma_at = lambda fraction: math.exp(-(lambda_s + fraction * h))
-    D = lambda x_, fraction: _denoise(net, x_, _sigma_tensor(sigma_at(fraction), x_), class_labels)
     phi_1 = math.expm1(-h)
-    D_s = D(x, 0)
+    D_s = denoise_next(x)
     if order == 1:
         return math.exp(-h) * x - phi_1 * D_s
     if order == 2:
-        r1 = 0.5
+        r1 = SINGLESTEP_FRACTIONS[2][1]
         x_s1 = math.exp(-r1 * h) * x - math.expm1(-r1 * h) * D_s
-        D_s1 = D(x_s1, r1)
+        D_s1 = denoise_next(x_s1)
         return math.exp(-h) * x - phi_1 * D_s - (0.5 / r1) * phi_1 * (D_s1 - D_s)
-    r1, r2 = 1 / 3, 2 / 3
+    r1, r2 = SINGLESTEP_FRACTIONS[3][1:]
     phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
     phi_2 = phi_1 / h + 1
     x_s1 = math.exp(-r1 * h) * x - math.expm1(-r1 * h) * D_s
-    D_s1 = D(x_s1, r1)
+    D_s1 = denoise_next(x_s1)
     x_s2 = math.exp(-r2 * h) * x - math.expm1(-r2 * h) * D_s + (r2 / r1) * phi_22 * (D_s1 - D_s)
-    D_s2 = D(x_s2, r2)
+    D_s2 = denoise_next(x_s2)
     return math.exp(-h) * x - phi_1 * D_s + (1 / r2) * phi_2 * (D_s2 - D_s)
 
 
