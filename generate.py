@@ -140,7 +140,8 @@ def split_seeds(seeds, max_batch_size, rank, world_size):
 @click.option('--schedule', help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling', help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, **sampler_options):
+@click.option('--precision', help='Network arithmetic (fp16/bf16: CUDA autocast)', type=click.Choice(list(sampling.PRECISIONS)), default='fp32', show_default=True)
+def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, precision, **sampler_options):
     """Generate images from a trained diffusion model.
 
     \b
@@ -165,6 +166,8 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     except ValueError as error:
         raise click.ClickException(f'--device: {error}')
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if precision != 'fp32' and device.type != 'cuda':
+        raise click.ClickException(f'--precision {precision} needs a CUDA device; this run uses {device.type}')
 
     # Rank 0 loads first, so that a URL is downloaded into the cache once.
     if rank != 0:
@@ -185,7 +188,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     progress = tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0)
     for round_index, batch_seeds in enumerate(rank_batches):
         if len(batch_seeds):
-            images = sampling.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx)
+            images = sampling.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx, precision)
             images_hwc = images.permute(0, 2, 3, 1).cpu().numpy()
             for seed, image in zip(batch_seeds.tolist(), images_hwc):
                 if outdir is not None:

@@ -77,16 +77,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_solver(net, solver, num_steps, batch, num_batches, device):
+def time_solver(net, solver, num_steps, batch, num_batches, device, precision):
     """(images/s, evaluations per image) over `num_batches` timed batches after a 2-step warm-up batch."""
     sampler_name, options = SOLVERS[solver]
-    sampling.generate_images(net, range(batch), sampler_name, dict(options, num_steps=2), device)  # allocator, kernels
+    sampling.generate_images(net, range(batch), sampler_name, dict(options, num_steps=2), device, precision=precision)  # warm-up
     counting_net = CountingNet(net)
     synchronize(device)
     start_s = time.perf_counter()
     for batch_index in range(num_batches):
         seeds = range(batch_index * batch, (batch_index + 1) * batch)
-        sampling.generate_images(counting_net, seeds, sampler_name, dict(options, num_steps=num_steps), device)
+        sampling.generate_images(counting_net, seeds, sampler_name, dict(options, num_steps=num_steps), device, precision=precision)
     synchronize(device)
     elapsed_s = time.perf_counter() - start_s
     return batch * num_batches / elapsed_s, counting_net.num_calls // num_batches
@@ -99,8 +99,9 @@ def time_solver(net, solver, num_steps, batch, num_batches, device):
 @click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--batches', 'num_batches', help='Timed batches per solver', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--precision', help='Network arithmetic (fp16/bf16: CUDA only)', type=click.Choice(list(sampling.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--out', 'out_path', help='JSON results', metavar='PATH', default='sample_speed.json', show_default=True)
-def main(config_name, solvers, num_steps, batch, num_batches, device, out_path):
+def main(config_name, solvers, num_steps, batch, num_batches, device, precision, out_path):
     """Images/s and evaluations per image of each solver at a fixed step count."""
     solver_names = [name.strip() for name in solvers.split(',') if name.strip()]
     unknown = [name for name in solver_names if name not in SOLVERS]
@@ -110,16 +111,16 @@ def main(config_name, solvers, num_steps, batch, num_batches, device, out_path):
     net = build_network(config_name, device)
     num_params = sum(param.numel() for param in net.parameters())
 
-    print(f'{config_name}: {num_params:,} parameters, batch {batch}, {num_steps} steps, {device}, {torch.get_num_threads()} threads')
+    print(f'{config_name}: {num_params:,} parameters, batch {batch}, {num_steps} steps, {device}, {precision}, {torch.get_num_threads()} threads')
     print(f'{"solver":<8} {"NFE":>4} {"images/s":>9} {"s/batch":>8}')
     results = []
     for solver in solver_names:
-        images_per_s, nfe = time_solver(net, solver, num_steps, batch, num_batches, device)
+        images_per_s, nfe = time_solver(net, solver, num_steps, batch, num_batches, device, precision)
         results.append(dict(solver=solver, nfe=nfe, images_per_s=images_per_s, seconds_per_batch=batch / images_per_s))
         print(f'{solver:<8} {nfe:>4} {images_per_s:>9.3f} {batch / images_per_s:>8.2f}', flush=True)
 
     report = dict(config=config_name, network=CONFIGS[config_name], num_params=num_params, batch=batch,
-        num_steps=num_steps, num_batches=num_batches, device=str(device), threads=torch.get_num_threads(),
+        num_steps=num_steps, num_batches=num_batches, device=str(device), precision=precision, threads=torch.get_num_threads(),
         torch=torch.__version__, machine=platform.machine(), results=results)
     with dnnlib.util.atomic_write(out_path, 'w') as f:
         json.dump(report, f, indent=2)

@@ -42,7 +42,8 @@ def network_pickles(tmp_path_factory):
 
 
 def run_generate(*args):
-    return CliRunner().invoke(generate.main, [str(arg) for arg in args], catch_exceptions=False)
+    """generate.py in this process, on the CPU."""
+    return CliRunner().invoke(generate.main, ['--device', 'cpu'] + [str(arg) for arg in args], catch_exceptions=False)
 
 
 def generate_files(network, outdir, *extra):
@@ -180,12 +181,14 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--solver', 'dpm', '--disc', 'vp'], '--disc'),
     (['--solver', 'dpm2m', '--S_churn', '10'], '--S_churn'),
     (['--outdir', None], '--outdir'),
+    (['--precision', 'bf16'], '--precision'),
 ])
 def test_bad_input_is_a_one_line_error(network_pickles, tmp_path, args, message):
     garbage = tmp_path / 'garbage.pkl'
     garbage.write_bytes(b'not a pickle')
     paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'])
-    defaults = {'--network': str(network_pickles['cond']), '--outdir': str(tmp_path / 'out'), '--steps': '3', '--seeds': '0'}
+    defaults = {'--network': str(network_pickles['cond']), '--outdir': str(tmp_path / 'out'), '--steps': '3', '--seeds': '0',
+        '--device': 'cpu'}
     for flag, value in zip(args[::2], args[1::2]):
         defaults[flag] = value.format(**paths) if value is not None else None
     argv = [item for flag, value in defaults.items() if value is not None for item in (flag, value)]

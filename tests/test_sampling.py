@@ -147,6 +147,19 @@ def test_bad_class_index_is_a_value_error(label_dim, class_idx):
         sampling.draw_latents_and_labels(net, [0], 'cpu', class_idx=class_idx)
 
 
+def test_generate_images_draws_from_the_seeds_and_converts_to_uint8():
+    net = GaussianToy()
+    images = sampling.generate_images(net, [5, 9], 'dpm', dict(num_steps=4), 'cpu')
+    latents, _, _ = sampling.draw_latents_and_labels(net, [5, 9], 'cpu')
+    assert images.dtype == torch.uint8 and images.shape == (2, 1, 8, 8)
+    assert torch.equal(images, sampling.images_to_uint8(sampling.dpm_solver_pp(net, latents, num_steps=4)))
+
+
+def test_reduced_precision_is_refused_on_cpu():
+    with pytest.raises(ValueError, match='precision'):
+        sampling.generate_images(GaussianToy(), [0], 'edm', {}, 'cpu', precision='bf16')
+
+
 def test_images_to_uint8_rounds_to_nearest_and_clips():
     levels = torch.tensor([-300, 0, 127.4, 127.5, 127.6, 254.9, 255, 400], dtype=torch.float64)  # x·127.5 + 127.5
     assert sampling.images_to_uint8((levels - 127.5) / 127.5).tolist() == [0, 0, 127, 128, 128, 255, 255, 255]
@@ -306,4 +319,15 @@ def test_no_host_sync_per_step_on_cuda(published_runs, solver_id):
                 torch.cuda.set_sync_debug_mode('default')
         return sum('synchroniz' in str(w.message) for w in caught)
 
+    count_syncs(2)  # first calls make one-time syncs (lazy initialisation)
     assert count_syncs(3) == count_syncs(6)
+
+
+@needs_cuda
+@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+def test_reduced_precision_images_stay_close_on_cuda(published_runs, precision):
+    net = copy.deepcopy(published_runs[0][1]).cuda()
+    full = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda').float()
+    reduced = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda', precision=precision).float()
+    mean_abs_levels = (full - reduced).abs().mean().item()
+    assert mean_abs_levels < 4, mean_abs_levels
