@@ -331,3 +331,19 @@ def test_reduced_precision_images_stay_close_on_cuda(published_runs, precision):
     reduced = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda', precision=precision).float()
     mean_abs_levels = (full - reduced).abs().mean().item()
     assert mean_abs_levels < 4, mean_abs_levels
+
+
+@needs_cuda
+def test_fp32_generation_does_not_depend_on_the_batch_on_cuda(published_runs):
+    net = copy.deepcopy(published_runs[0][1]).cuda()
+    one_by_one = torch.cat([sampling.generate_images(net, [seed], 'edm', dict(num_steps=4), 'cuda') for seed in range(6)])
+    in_pairs = torch.cat([sampling.generate_images(net, [seed, seed + 1], 'edm', dict(num_steps=4), 'cuda') for seed in (0, 2, 4)])
+    assert torch.equal(one_by_one, in_pairs)
+
+
+@needs_cuda
+def test_fp32_turns_tf32_off_only_inside_the_context():
+    flags_before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with sampling.network_precision('cuda', 'fp32'):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags_before

@@ -7,6 +7,7 @@ float64 so that step arithmetic does not lose precision at small σ; the network
 precision. Schedules are separate functions returning float64 σ (or t) tensors.
 """
 
+import contextlib
 import math
 
 import torch
@@ -396,20 +397,34 @@ MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1}  # the σ schedu
 PRECISIONS = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}  # the network's arithmetic; state stays float64
 
 
-@torch.inference_mode()
-def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision='fp32'):
-    """uint8 images [len(seeds), C, H, W] on `device` for one batch of seeds; image i depends on seeds[i] only.
-
-    precision 'fp16' / 'bf16' runs the network under CUDA autocast (faster, not bit-identical to fp32).
-    """
-    if sampler_name not in SAMPLERS:
-        raise ValueError(f'unknown sampler {sampler_name!r}; expected one of {list(SAMPLERS)}')
+@contextlib.contextmanager
+def network_precision(device, precision='fp32'):
+    """fp32 is true float32 on CUDA (TF32 off, so an image does not depend on the kernels its batch size picks);
+    fp16 / bf16 run the network under CUDA autocast (faster, not bit-identical). Restores the flags after."""
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
     device = torch.device(device)
-    if precision != 'fp32' and device.type != 'cuda':
-        raise ValueError(f'precision {precision} is for CUDA devices; use fp32 on {device.type}')
-    latents, class_labels, generators = draw_latents_and_labels(net, seeds, device, class_idx)
-    with torch.autocast(device.type, dtype=PRECISIONS[precision] or torch.float32, enabled=precision != 'fp32'):
+    if device.type != 'cuda':
+        if precision != 'fp32':
+            raise ValueError(f'precision {precision} is for CUDA devices; use fp32 on {device.type}')
+        yield
+        return
+    saved_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast('cuda', dtype=PRECISIONS[precision] or torch.float32, enabled=precision != 'fp32'):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_flags
+
+
+@torch.inference_mode()
+def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision='fp32'):
+    """uint8 images [len(seeds), C, H, W] on `device` for one batch of seeds; image i depends on seeds[i] only
+    (on CUDA, bit for bit with precision fp32; see `network_precision`)."""
+    if sampler_name not in SAMPLERS:
+        raise ValueError(f'unknown sampler {sampler_name!r}; expected one of {list(SAMPLERS)}')
+    with network_precision(device, precision):
+        latents, class_labels, generators = draw_latents_and_labels(net, seeds, device, class_idx)
         images = SAMPLERS[sampler_name](net, latents, class_labels, randn_like=generators.randn_like, **sampler_kwargs)
     return images_to_uint8(images)
