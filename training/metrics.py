@@ -297,9 +297,9 @@ def check_same_detector(ref_detector, detector, source):
 
 def _psd_eigenvalues(matrix):
     """Eigenvalues of a symmetric positive semi-definite matrix, with rounding noise set to zero."""
-    eigenvalues = np.linalg.eigvalsh((matrix + matrix.T) / 2)
-    noise_floor = max(eigenvalues.max(initial=0), 0) * len(matrix) * np.finfo(np.float64).eps
-    return np.where(eigenvalues > noise_floor, eigenvalues, 0)
+    eigenvalues = torch.linalg.eigvalsh((matrix + matrix.T) / 2)
+    noise_floor = eigenvalues.max().clamp(min=0) * len(matrix) * torch.finfo(torch.float64).eps
+    return torch.where(eigenvalues > noise_floor, eigenvalues, 0)
 
 
 def trace_sqrt_product(sigma1, sigma2):
@@ -307,13 +307,14 @@ def trace_sqrt_product(sigma1, sigma2):
 
     Σ₁Σ₂ has the same eigenvalues as the symmetric positive semi-definite Σ₁^{1/2} Σ₂ Σ₁^{1/2}, so the trace
     of its principal square root is the sum of the square roots of those eigenvalues: two symmetric
-    eigen-decompositions, no general (and slow, complex-valued) matrix square root.
+    eigen-decompositions, no general (and slow, complex-valued) matrix square root. Runs in torch on the
+    CPU, so it follows torch's thread settings.
     """
-    sigma1 = np.asarray(sigma1, dtype=np.float64)
-    sigma2 = np.asarray(sigma2, dtype=np.float64)
-    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
-    return float(np.sqrt(_psd_eigenvalues(root1 @ sigma2 @ root1)).sum())
+    sigma1 = torch.as_tensor(np.asarray(sigma1), dtype=torch.float64)
+    sigma2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+    return float(_psd_eigenvalues(root1 @ sigma2 @ root1).sqrt().sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):

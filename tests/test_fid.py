@@ -1,0 +1,219 @@
+"""fid.py: `ref` and `calc` against direct computations, on-the-fly generation, torchrun, and bad inputs.
+
+A tiny TorchScript detector (channel means over a 4×4 grid, 48 features) stands in for Inception, so the
+features can be recomputed here with numpy.
+"""
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+import dnnlib.util
+import fid
+import generate
+from training import networks
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PooledColours(torch.nn.Module):
+    """A detector in NVIDIA's calling convention: each channel averaged over a 4×4 grid, 48 features."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 4)
+        return pooled.reshape(img.shape[0], -1)
+
+
+class PooledColoursSquared(torch.nn.Module):
+    """Another detector with the same output shape, to test that statistics of one are refused by the other."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(img.to(torch.float32), 4)
+        return pooled.reshape(img.shape[0], -1) ** 2
+
+
+def direct_features(images):
+    """The detector's features recomputed with numpy: block means of [N, 3, 16, 16] uint8 images."""
+    n, c, h, w = images.shape
+    return images.astype(np.float64).reshape(n, c, 4, h // 4, 4, w // 4).mean(axis=(3, 5)).reshape(n, -1)
+
+
+def scipy_fid(features1, features2):
+    mu1, sigma1 = features1.mean(0), np.cov(features1, rowvar=False)
+    mu2, sigma2 = features2.mean(0), np.cov(features2, rowvar=False)
+    return np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * scipy.linalg.sqrtm(sigma1 @ sigma2).real)
+
+
+def random_images(seed, num, resolution=16):
+    rng = np.random.default_rng(seed)
+    smooth = np.kron(rng.integers(0, 256, [num, 3, 4, 4]), np.ones([resolution // 4, resolution // 4]))
+    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image_chw):
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(image_chw.transpose(1, 2, 0)).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def write_folder(folder, images):
+    """PNGs spread over subfolders, as generate.py --subdirs writes them."""
+    for i, image in enumerate(images):
+        path = folder / f'{i % 3:06d}' / f'{i:06d}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes(image))
+    return folder
+
+
+def write_zip(path, images):
+    with zipfile.ZipFile(path, 'w') as archive:
+        for i, image in enumerate(images):
+            archive.writestr(f'00000/img{i:08d}.png', png_bytes(image))
+    return path
+
+
+def run_fid(*args):
+    return CliRunner().invoke(fid.main, [str(arg) for arg in args])
+
+
+def fid_of(result):
+    assert result.exit_code == 0, result.output
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert 'Traceback' not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and fragment in error_lines[0], result.output
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """A reference folder, its statistics from `fid.py ref`, and an image ZIP to evaluate."""
+    folder = tmp_path_factory.mktemp('fid')
+    detector_path = folder / 'pooled.pt'
+    torch.jit.save(torch.jit.script(PooledColours()), str(detector_path))
+    reference_images, other_images = random_images(0, 60), random_images(1, 50)
+    reference_dir = write_folder(folder / 'reference', reference_images)
+    ref_path = folder / 'refs' / 'reference.npz'
+    result = run_fid('ref', '--data', reference_dir, '--dest', ref_path, '--detector', detector_path, '--batch', 16, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    return dict(folder=folder, detector=detector_path, ref=ref_path, reference_dir=reference_dir,
+                reference_images=reference_images, other_zip=write_zip(folder / 'other.zip', other_images),
+                other_images=other_images)
+
+
+def test_ref_writes_statistics_of_every_image(setup):
+    features = direct_features(setup['reference_images'])
+    with np.load(setup['ref']) as data:
+        np.testing.assert_allclose(data['mu'], features.mean(0), rtol=1e-10)
+        np.testing.assert_allclose(data['sigma'], np.cov(features, rowvar=False), rtol=1e-8, atol=1e-8)
+        assert int(data['num_images']) == 60
+        assert str(data['detector']).startswith('pooled.pt sha256:')
+
+
+def test_calc_of_the_reference_images_is_zero(setup):
+    result = run_fid('calc', '--images', setup['reference_dir'], '--ref', setup['ref'], '--num', 60, '--detector', setup['detector'])
+    assert abs(fid_of(result)) <= 1e-3
+
+
+def test_calc_agrees_with_a_direct_computation(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', setup['detector'], '--batch', 8)
+    expected = scipy_fid(direct_features(setup['other_images']), direct_features(setup['reference_images']))
+    assert fid_of(result) == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_processes_give_the_same_fid_as_one(setup):
+    args = ['calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', setup['detector'], '--batch', 8,
+            '--workers', 0]
+    single = fid_of(run_fid(*args))
+    # '--' ends torchrun's own options: without it torchrun reads --num as an abbreviation of its --numa-binding.
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'fid.py', *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert float(process.stdout.strip().splitlines()[-1]) == pytest.approx(single, rel=1e-5)
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16,
+                              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return net
+
+
+def test_calc_network_gives_the_fid_of_the_images_generate_py_writes(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    sampler_args = ['--seeds', '0-7', '--steps', 2, '--batch', 4]
+    outdir = tmp_path / 'generated'
+    result = CliRunner().invoke(generate.main, [str(arg) for arg in ['--network', network_pkl, '--outdir', outdir, *sampler_args]])
+    assert result.exit_code == 0, result.output
+    from_pngs = fid_of(run_fid('calc', '--images', outdir, '--ref', setup['ref'], '--num', 8, '--detector', setup['detector']))
+    on_the_fly = fid_of(run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'], *sampler_args))
+    assert on_the_fly == from_pngs
+
+
+def test_missing_data_is_an_error(setup, tmp_path):
+    result = run_fid('ref', '--data', tmp_path / 'missing.zip', '--dest', tmp_path / 'x.npz', '--detector', setup['detector'])
+    assert_one_line_error(result, 'missing.zip: dataset not found')
+
+
+def test_reference_without_mu_and_sigma_is_an_error(setup, tmp_path):
+    np.savez(tmp_path / 'bad.npz', mean=np.zeros(48))
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', tmp_path / 'bad.npz', '--num', 50, '--detector', setup['detector'])
+    assert_one_line_error(result, 'missing mu and sigma')
+
+
+def test_missing_reference_is_an_error(setup, tmp_path):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', tmp_path / 'none.npz', '--num', 50, '--detector', setup['detector'])
+    assert_one_line_error(result, 'none.npz: file not found')
+
+
+def test_fewer_images_than_num_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 51, '--detector', setup['detector'])
+    assert_one_line_error(result, 'holds 50 images, fewer than --num=51')
+
+
+def test_reference_from_another_detector_is_an_error(setup, tmp_path):
+    other_detector = tmp_path / 'squared.pt'
+    torch.jit.save(torch.jit.script(PooledColoursSquared()), str(other_detector))
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', other_detector)
+    assert_one_line_error(result, 'not comparable')
+
+
+def test_unknown_detector_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', 'inception-v4')
+    assert_one_line_error(result, "'inception-v4' is neither nvidia, offline nor an existing TorchScript file")
+
+
+def test_unreachable_nvidia_detector_names_the_offline_one(setup, monkeypatch):
+    def unreachable(url, **kwargs):
+        raise dnnlib.util.DownloadError(f'cannot download {url}: Name or service not known')
+    monkeypatch.setattr(dnnlib.util, 'open_url', unreachable)
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50)
+    assert_one_line_error(result, '--detector offline')
+
+
+def test_images_and_network_together_are_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--network', 'net.pkl', '--ref', setup['ref'])
+    assert_one_line_error(result, 'exactly one of --images and --network')
+
+
+def test_sampler_options_without_network_are_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--steps', 10)
+    assert_one_line_error(result, 'apply to --network only')
