@@ -1,0 +1,89 @@
+"""FID speed: images/s of detector feature extraction, and seconds for one FID from 2048-d statistics.
+
+Feature extraction is timed on random uint8 images of the given resolution, resize to 299² included (what
+fid.py runs per batch); the FID is timed on two random full-rank 2048×2048 covariances. Prints a table
+and writes JSON.
+
+    python benchmarks/fid_speed.py                             # offline detector, 32x32 images, batch 64
+    python benchmarks/fid_speed.py --detector=nvidia --batches=5 --out=fid_speed.json
+"""
+
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402  (the repository root must be on the path first)
+from training import metrics  # noqa: E402
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_features(detector, resolution, batch, num_batches, device):
+    """Images/s over `num_batches` timed batches after one warm-up batch."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator).to(device)
+    detector(images)
+    synchronize(device)
+    start_s = time.perf_counter()
+    for _ in range(num_batches):
+        detector(images)
+    synchronize(device)
+    return batch * num_batches / (time.perf_counter() - start_s)
+
+
+def time_fid(feature_dim, repeats):
+    """Median seconds of `metrics.frechet_distance` on two random full-rank covariances."""
+    rng = np.random.default_rng(0)
+    statistics_pairs = []
+    for _ in range(2):
+        features = rng.standard_normal([2 * feature_dim, feature_dim]) * rng.uniform(0.1, 2, size=feature_dim)
+        statistics_pairs += [features.mean(0), np.cov(features, rowvar=False)]
+    seconds = []
+    for _ in range(repeats):
+        start_s = time.perf_counter()
+        metrics.frechet_distance(*statistics_pairs)
+        seconds.append(time.perf_counter() - start_s)
+    return statistics.median(seconds)
+
+
+@click.command()
+@click.option('--detector', help='nvidia, offline or a TorchScript file', metavar='nvidia|offline|PATH', default='offline', show_default=True)
+@click.option('--resolution', help='Image size in pixels', metavar='INT', type=click.IntRange(min=8), default=32, show_default=True)
+@click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--batches', 'num_batches', help='Timed batches', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--repeats', help='Timed FID computations', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--out', 'out_path', help='JSON results', metavar='PATH', default='fid_speed.json', show_default=True)
+def main(detector, resolution, batch, num_batches, repeats, device, out_path):
+    """Feature extraction images/s and the seconds of one FID from statistics."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    try:
+        detector_net = metrics.load_detector(detector, device=device, verbose=True)
+    except metrics.DetectorError as e:
+        raise click.BadParameter(str(e), param_hint='--detector') from None
+    images_per_s = time_features(detector_net, resolution, batch, num_batches, device)
+    fid_s = time_fid(2048, repeats)
+
+    print(f'{detector_net.identity}, {device}, {torch.get_num_threads()} threads')
+    print(common.markdown_table(['measure', 'value'], [
+        [f'feature extraction, {resolution}x{resolution} images, batch {batch} (images/s)', images_per_s],
+        ['one FID from 2048-d statistics (s)', fid_s],
+    ]))
+    common.write_json(out_path, dict(detector=detector_net.identity, resolution=resolution, batch=batch,
+        num_batches=num_batches, images_per_s=images_per_s, fid_seconds=fid_s, fid_repeats=repeats, device=str(device),
+        threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine()))
+    print(f'Wrote {out_path}')
+
+
+if __name__ == '__main__':
+    main()
