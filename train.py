@@ -110,7 +110,8 @@ def build_config(opts, world_size):
     if opts.augment > 0:
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, **AUGMENT_OPTIONS)
         c.network_kwargs.augment_dim = AUGMENT_DIM
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    # fused: one kernel per step instead of ~10 per tensor (the same maths; a large share of a CPU step).
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
 
     if opts.batch % world_size != 0:
         raise click.BadParameter(f'{opts.batch} is not divisible by the number of processes ({world_size})',

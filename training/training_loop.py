@@ -181,6 +181,12 @@ def _set_rng_state(state, device):
     random.setstate((py_state['version'], tuple(py_state['internal'].tolist()), py_state['gauss_next']))
 
 
+def _param_digest(module):
+    """(sum, sum of squares) of all parameters in float64: equal on every rank while DDP keeps them in sync."""
+    flat = torch.cat([p.detach().flatten().to(torch.float64) for p in module.parameters()])
+    return [float(flat.sum()), float(flat.square().sum())]
+
+
 def _gather_objects(obj):
     """[obj of rank 0, obj of rank 1, …] on every rank."""
     if distributed.get_world_size() == 1:
@@ -344,6 +350,9 @@ def training_loop(
 
     def save_state():
         rng_states = _gather_objects(_rng_state(device))
+        digests = _gather_objects(_param_digest(net))
+        if any(digest != digests[0] for digest in digests):
+            distributed.print0(f'Warning: the processes hold different parameters: {digests}')
         if not distributed.is_main():
             return
         state = dict(
@@ -362,6 +371,7 @@ def training_loop(
             total_time_sec  = time_offset_sec + time.time() - start_time,
             rng_states      = rng_states,
             world_size      = world_size,
+            param_digests   = digests,
             options         = run_options,
         )
         with dnnlib.util.atomic_write(os.path.join(run_dir, state_name(cur_nimg)), 'wb') as f:
@@ -379,7 +389,8 @@ def training_loop(
             _save_snapshot(os.path.join(run_dir, snapshot_name(cur_nimg)), data)
 
 
-    total_nimg = total_kimg * 1000
+    total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
+    nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
     distributed.print0(f'Training for {total_kimg:g} kimg from {cur_nimg / 1000:g} kimg...')
     distributed.print0()
     tick_start_time = time.time()
@@ -422,7 +433,7 @@ def training_loop(
             cur_step += 1
             finished = cur_nimg >= total_nimg
             stopping = stop.agreed()
-            if not (finished or stopping or cur_tick == 0 or cur_nimg >= tick_start_nimg + kimg_per_tick * 1000):
+            if not (finished or stopping or cur_tick == 0 or cur_nimg >= tick_start_nimg + nimg_per_tick):
                 continue
 
             # Progress tick.

@@ -1,0 +1,199 @@
+"""train.py: options → config (the published recipes), run directories, and one-line errors for bad input."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+import train
+
+# SPEC §7: the nine published training recipes (options after --outdir/--data).
+RECIPES = {
+    'cifar10-edm-fdm':  '--cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200',
+    'cifar10-vp-fdm':   '--cond=1 --arch=ddpmpp --cres=1,2,2,2 --precond=fdm_vp --warmup_ite=400',
+    'cifar10-ve-fdm':   '--cond=1 --arch=ncsnpp --cres=1,2,2,2 --precond=fdm_ve --warmup_ite=400',
+    'ffhq-edm-fdm':     '--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15 '
+                        '--precond=fdm_edm --warmup_ite=800 --fdm_multipler=1',
+    'ffhq-vp-fdm':      '--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15 '
+                        '--precond=fdm_vp --warmup_ite=400 --fdm_multipler=1',
+    'ffhq-ve-fdm':      '--cond=0 --arch=ncsnpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.05 --augment=0.15 '
+                        '--precond=fdm_ve --warmup_ite=400',
+    'afhqv2-edm-fdm':   '--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.25 --augment=0.15 '
+                        '--precond=fdm_edm --warmup_ite=400',
+    'afhqv2-vp-fdm':    '--cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.25 --augment=0.15 '
+                        '--precond=fdm_vp --warmup_ite=400',
+    'afhqv2-ve-fdm':    '--cond=0 --arch=ncsnpp --batch=256 --cres=1,2,2,2 --lr=2e-4 --dropout=0.25 --augment=0.15 '
+                        '--precond=fdm_ve --warmup_ite=400',
+}
+
+# What each recipe must produce: (precond class, loss class, warmup_ite, fdm_multiplier, cres, lr, dropout, augment).
+EXPECTED = {
+    'cifar10-edm-fdm':  ('FDM_EDMPrecond', 'EDMLoss', 200, 2.0, [2, 2, 2],    1e-3, 0.13, 0.12),
+    'cifar10-vp-fdm':   ('FDM_VPPrecond',  'VPLoss',  400, 2.0, [1, 2, 2, 2], 1e-3, 0.13, 0.12),
+    'cifar10-ve-fdm':   ('FDM_VEPrecond',  'VELoss',  400, 1.0, [1, 2, 2, 2], 1e-3, 0.13, 0.12),
+    'ffhq-edm-fdm':     ('FDM_EDMPrecond', 'EDMLoss', 800, 1.0, [1, 2, 2, 2], 2e-4, 0.05, 0.15),
+    'ffhq-vp-fdm':      ('FDM_VPPrecond',  'VPLoss',  400, 1.0, [1, 2, 2, 2], 2e-4, 0.05, 0.15),
+    'ffhq-ve-fdm':      ('FDM_VEPrecond',  'VELoss',  400, 1.0, [1, 2, 2, 2], 2e-4, 0.05, 0.15),
+    'afhqv2-edm-fdm':   ('FDM_EDMPrecond', 'EDMLoss', 400, 2.0, [1, 2, 2, 2], 2e-4, 0.25, 0.15),
+    'afhqv2-vp-fdm':    ('FDM_VPPrecond',  'VPLoss',  400, 2.0, [1, 2, 2, 2], 2e-4, 0.25, 0.15),
+    'afhqv2-ve-fdm':    ('FDM_VEPrecond',  'VELoss',  400, 1.0, [1, 2, 2, 2], 2e-4, 0.25, 0.15),
+}
+
+
+def write_dataset(path, num_images=8, resolution=16, num_classes=3, seed=0, same_image=False):
+    """A dataset ZIP in the SPEC §5 layout of random RGB images (or one smooth image repeated); labels if classes > 0."""
+    rng = np.random.default_rng(seed)
+    smooth = np.linspace(0, 255, resolution * resolution * 3).reshape(resolution, resolution, 3).astype(np.uint8)
+    labels = []
+    with zipfile.ZipFile(path, 'w') as archive:
+        for i in range(num_images):
+            buffer = io.BytesIO()
+            pixels = smooth if same_image else rng.integers(0, 256, [resolution, resolution, 3], dtype=np.uint8)
+            PIL.Image.fromarray(pixels).save(buffer, 'png')
+            name = f'{i // 1000:05d}/img{i:08d}.png'
+            archive.writestr(name, buffer.getvalue())
+            labels.append([name, i % max(num_classes, 1)])
+        archive.writestr('dataset.json', json.dumps({'labels': labels if num_classes else None}))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def labeled_zip(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data') / 'labeled-16x16.zip')
+
+
+@pytest.fixture(scope='module')
+def unlabeled_zip(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data') / 'unlabeled-16x16.zip', num_classes=0)
+
+
+def run_cli(*args):
+    return CliRunner().invoke(train.main, [str(a) for a in args])
+
+
+def printed_config(output):
+    """The config dict train.py prints after 'Training options:'."""
+    start = output.index('{', output.index('Training options:'))
+    return json.JSONDecoder().raw_decode(output[start:])[0]
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert 'Traceback' not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.mark.parametrize('recipe', sorted(RECIPES))
+def test_published_recipe_passes_dry_run_with_its_config(recipe, tmp_path, labeled_zip):
+    result = run_cli(f'--outdir={tmp_path}/out', f'--data={labeled_zip}', *RECIPES[recipe].split(), '--dry-run')
+    assert result.exit_code == 0, result.output
+    assert 'Dry run; exiting.' in result.output
+    assert not (tmp_path / 'out').exists()
+    c = printed_config(result.output)
+    precond, loss, warmup_ite, multiplier, cres, lr, dropout, augment = EXPECTED[recipe]
+    net = c['network_kwargs']
+    assert net['class_name'] == f'training.networks.{precond}'
+    assert c['loss_kwargs'] == {'class_name': f'training.loss.{loss}', 'warmup_ite': warmup_ite}
+    assert net['fdm_multiplier'] == multiplier
+    assert net['channel_mult'] == cres and net['model_channels'] == 128
+    assert net['dropout'] == dropout and net['augment_dim'] == 9 and net['use_fp16'] is False
+    assert c['augment_kwargs']['p'] == augment
+    assert c['optimizer_kwargs']['lr'] == pytest.approx(lr)
+    assert c['batch_size'] == (512 if recipe.startswith('cifar10') else 256)
+    assert c['dataset_kwargs']['use_labels'] == recipe.startswith('cifar10')
+    arch = 'ncsnpp' if recipe.endswith('ve-fdm') else 'ddpmpp'
+    expected_embedding = {'ddpmpp': ('positional', 'standard', 1), 'ncsnpp': ('fourier', 'residual', 2)}[arch]
+    assert (net['embedding_type'], net['encoder_type'], net['channel_mult_noise']) == expected_embedding
+    assert c['total_kimg'] == 200000 and c['ema_halflife_kimg'] == 500 and c['lr_rampup_kimg'] == 10000
+
+
+def test_baseline_precond_has_no_fdm_options(tmp_path, unlabeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--precond=edm', '--cbase=16', '--cres=1,2', '-n')
+    assert result.exit_code == 0, result.output
+    c = printed_config(result.output)
+    assert c['network_kwargs']['class_name'] == 'training.networks.EDMPrecond'
+    assert 'fdm_multiplier' not in c['network_kwargs']
+    assert c['loss_kwargs'] == {'class_name': 'training.loss.EDMLoss'}
+
+
+def test_seed_is_drawn_and_recorded_when_not_given(tmp_path, unlabeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '-n')
+    assert result.exit_code == 0, result.output
+    assert isinstance(printed_config(result.output)['seed'], int)
+
+
+def test_fp16_and_bf16_precision_options(tmp_path, unlabeled_zip):
+    common = [f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '-n']
+    fp16 = printed_config(run_cli(*common, '--fp16=1').output)
+    assert fp16['precision'] == 'fp16' and fp16['network_kwargs']['use_fp16'] is True
+    bf16 = printed_config(run_cli(*common, '--precision=bf16').output)
+    assert bf16['precision'] == 'bf16' and bf16['network_kwargs']['use_fp16'] is False
+
+
+def test_run_directories_are_numbered_and_hold_options(tmp_path):
+    first = train.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
+    second = train.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
+    assert first.endswith('00000-desc') and second.endswith('00001-desc')
+    assert train.make_run_dir(str(tmp_path), 'desc', nosubdir=True) == str(tmp_path)
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--precond=edm', '--warmup_ite=200'], ['--warmup_ite', 'FDM']),
+    (['--precond=vp', '--fdm_multiplier=2'], ['--fdm_multiplier', 'FDM']),
+    (['--batch=6', '--batch-gpu=4'], ['--batch-gpu']),
+    (['--cres=1,x'], ['--cres']),
+    (['--arch=unet'], ['--arch']),
+    (['--precision=fp32', '--fp16=1'], ['--fp16']),
+    (['--resume=x.pt', '--transfer=y.pkl'], ['--transfer', '--resume']),
+])
+def test_inconsistent_options_give_one_line_errors(tmp_path, unlabeled_zip, args, fragments):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', *args, '-n')
+    assert_one_line_error(result, *fragments)
+
+
+def test_missing_data_option_is_an_error(tmp_path):
+    assert_one_line_error(run_cli(f'--outdir={tmp_path}'), '--data')
+
+
+def test_missing_dataset_file_is_named(tmp_path):
+    assert_one_line_error(run_cli(f'--outdir={tmp_path}', f'--data={tmp_path}/none.zip', '-n'), 'none.zip')
+
+
+def test_cond_without_labels_is_an_error(tmp_path, unlabeled_zip):
+    assert_one_line_error(run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cond=1', '-n'), 'label')
+
+
+def test_cuda_device_without_cuda_is_an_error(tmp_path, unlabeled_zip):
+    pytest.importorskip('torch')
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    assert_one_line_error(run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--device=cuda', '-n'), '--device')
+
+
+def test_transfer_from_a_file_that_is_not_a_snapshot_is_an_error(tmp_path, unlabeled_zip):
+    bogus = tmp_path / 'bogus.pkl'
+    bogus.write_bytes(b'not a pickle at all')
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2',
+                     f'--transfer={bogus}', '-n')
+    assert_one_line_error(result, '--transfer', 'bogus.pkl')
+
+
+@pytest.mark.parametrize('content', [b'', b'garbage' * 100])
+def test_resume_from_a_corrupt_state_is_an_error(tmp_path, unlabeled_zip, content):
+    state = tmp_path / 'training-state-000001.pt'
+    state.write_bytes(content)
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', f'--resume={state}', '-n')
+    assert_one_line_error(result, '--resume', 'training-state-000001.pt')
+
+
+def test_resume_from_a_directory_without_states_is_an_error(tmp_path, unlabeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', f'--resume={tmp_path}', '-n')
+    assert_one_line_error(result, '--resume', 'no training-state')

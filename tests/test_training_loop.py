@@ -1,0 +1,209 @@
+"""training/training_loop.py through train.py: outputs, exact resume, multi-process equivalence, interruption."""
+
+import json
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from test_train import write_dataset
+from training import training_loop
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+BATCH = 8                                 # images per step, over all processes
+STEPS = 6                                 # steps of the "straight" runs; resumed runs stop halfway
+
+
+def tiny_options(data, outdir, steps, *extra):
+    """A small fast network and a run of `steps` steps, with dropout and augmentation so that every RNG matters."""
+    return [f'--outdir={outdir}', f'--data={data}', '--nosubdir', '--cbase=16', '--cres=1,2', f'--batch={BATCH}',
+            '--batch-gpu=4', f'--duration={steps * BATCH / 1e6}', f'--tick={2 * BATCH / 1000}', '--snap=1', '--dump=1',
+            '--workers=0', '--seed=7', '--lr=2e-3', '--lr_rampup=0.00002', '--ema=0.00002', '--dropout=0.1',
+            '--augment=0.5', '--warmup_ite=4', *extra]
+
+
+def run_in_process(args):
+    result = CliRunner().invoke(train.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def run_torchrun(args, nproc=2):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+               str(REPO_ROOT / 'train.py'), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def latest_state(run_dir):
+    return training_loop.load_training_state(training_loop.resolve_resume_path(str(run_dir)))
+
+
+def flat(state_dict):
+    return torch.cat([t.flatten().to(torch.float64) for t in state_dict.values() if t.is_floating_point()])
+
+
+def assert_states_identical(a, b):
+    assert a['cur_nimg'] == b['cur_nimg'] and a['cur_step'] == b['cur_step']
+    for key in ('net', 'ema'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name}'
+    opt_a, opt_b = a['optimizer']['state'], b['optimizer']['state']
+    assert opt_a.keys() == opt_b.keys()
+    for index in opt_a:
+        for name in opt_a[index]:
+            assert torch.equal(opt_a[index][name], opt_b[index][name]), f'optimizer {index}.{name}'
+    assert a['loss_fn'] == b['loss_fn']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # Other processes share the cores; one thread avoids waiting at OpenMP barriers for a preempted sibling.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data') / 'train-8x8.zip', num_images=12, resolution=8, num_classes=0)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, data):
+    """Training runs shared by several tests, made on first use."""
+    root = tmp_path_factory.mktemp('runs')
+    made = {}
+
+    def get(name):
+        if name in made:
+            return made[name]
+        out = root / name
+        if name == 'straight':
+            run_in_process(tiny_options(data, out, STEPS))
+        elif name == 'resumed':
+            run_in_process(tiny_options(data, root / 'half', STEPS // 2))
+            run_in_process(tiny_options(data, out, STEPS, f'--resume={root / "half"}'))
+        elif name == 'straight-2proc':
+            run_torchrun(tiny_options(data, out, STEPS))
+        elif name == 'resumed-2proc':
+            run_torchrun(tiny_options(data, root / 'half-2proc', STEPS // 2))
+            run_torchrun(tiny_options(data, out, STEPS, f'--resume={root / "half-2proc"}'))
+        made[name] = out
+        return out
+    return get
+
+
+def test_run_writes_snapshots_states_stats_log_and_options(runs):
+    run_dir = runs('straight')
+    names = set(os.listdir(run_dir))
+    assert {'log.txt', 'stats.jsonl', 'training_options.json', 'network-snapshot-000000.pkl',
+            'training-state-000000.pt'} <= names
+    stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
+    assert len(stats) == 4  # ticks after steps 1, 3, 5 and the final step 6
+    assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(STEPS * BATCH / 1000)
+    assert 'tick 3' in (run_dir / 'log.txt').read_text()
+    state = latest_state(run_dir)
+    assert state['cur_nimg'] == STEPS * BATCH and state['cur_step'] == STEPS and state['loss_fn'] == {'step': STEPS}
+
+
+def test_snapshot_loads_with_plain_pickle_and_holds_the_ema(runs):
+    run_dir = runs('straight')
+    with open(run_dir / 'network-snapshot-000000.pkl', 'rb') as f:
+        snapshot = pickle.load(f)
+    ema = snapshot['ema']
+    assert type(ema).__name__ == 'FDM_EDMPrecond' and not ema.training
+    assert set(snapshot) == {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}
+    state = latest_state(run_dir)
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(tensor, state['ema'][name]), name
+    with torch.no_grad():
+        out = ema(torch.zeros([2, 3, 8, 8]), torch.ones([2]))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_resume_continues_bit_for_bit(runs):
+    assert_states_identical(latest_state(runs('straight')), latest_state(runs('resumed')))
+
+
+def test_resume_continues_bit_for_bit_with_two_processes(runs):
+    assert_states_identical(latest_state(runs('straight-2proc')), latest_state(runs('resumed-2proc')))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    one, two = latest_state(runs('straight')), latest_state(runs('straight-2proc'))
+    assert two['world_size'] == 2 and len(two['rng_states']) == 2
+    assert two['param_digests'][0] == two['param_digests'][1]  # both ranks hold the same parameters
+    for key in ('net', 'ema'):
+        a, b = flat(one[key]), flat(two[key])
+        assert float((a - b).norm() / b.norm()) < 1e-5, key
+
+
+def test_loss_goes_down(tmp_path):
+    # One repeated image: the denoiser can learn it exactly, so the loss must fall far within a few steps.
+    data = write_dataset(tmp_path / 'one-image.zip', num_images=4, resolution=8, num_classes=0, same_image=True)
+    run_in_process([f'--outdir={tmp_path}', f'--data={data}', '--nosubdir', '--cbase=16', '--cres=1,2', '--batch=16',
+                    '--duration=0.00064', '--tick=0.16', '--workers=0', '--seed=0', '--lr=1e-2', '--lr_rampup=0',
+                    '--augment=0', '--dropout=0', '--snap=0', '--dump=0'])
+    stats = [json.loads(line) for line in (tmp_path / 'stats.jsonl').read_text().splitlines()]
+    losses = [tick['Loss/loss']['mean'] for tick in stats[1:]]  # 10 steps per tick after the first step
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_transfer_starts_from_the_snapshot_weights(runs, tmp_path, data):
+    snapshot = runs('straight') / 'network-snapshot-000000.pkl'
+    # The first step has learning rate 0 (ramp-up from 0) and the EMA has no ramp-up: nothing moves.
+    run_in_process(tiny_options(data, tmp_path, 1, f'--transfer={snapshot}', '--lr_rampup=10'))
+    state = latest_state(tmp_path)
+    with open(snapshot, 'rb') as f:
+        ema = pickle.load(f)['ema']
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(state['net'][name], tensor), name
+        assert torch.equal(state['ema'][name], tensor), name
+
+
+def test_sigterm_saves_a_state_that_resumes(tmp_path, data):
+    run_dir = tmp_path / 'run'
+    command = [sys.executable, str(REPO_ROOT / 'train.py'), *tiny_options(data, run_dir, 100000)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / 'stats.jsonl').exists() or not (run_dir / 'stats.jsonl').read_text():
+            assert process.poll() is None and time.time() < deadline, 'training did not start'
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert 'SIGTERM' in output
+    stopped = latest_state(run_dir)
+    assert 0 < stopped['cur_nimg'] < 100000 * BATCH
+    steps_done = stopped['cur_step']
+    resumed_dir = tmp_path / 'resumed'
+    run_in_process(tiny_options(data, resumed_dir, steps_done + 2, f'--resume={run_dir}'))
+    assert latest_state(resumed_dir)['cur_step'] == steps_done + 2
+
+
+def test_truncated_state_gives_a_one_line_error(runs, tmp_path, data):
+    state = (runs('straight') / 'training-state-000000.pt').read_bytes()
+    truncated = tmp_path / 'training-state-000000.pt'
+    truncated.write_bytes(state[:len(state) // 2])
+    result = CliRunner().invoke(train.main, tiny_options(data, tmp_path / 'out', STEPS, f'--resume={truncated}'))
+    assert result.exit_code != 0 and 'Traceback' not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(errors) == 1 and 'truncated or corrupt' in errors[0], result.output
