@@ -136,7 +136,7 @@ def test_calc_agrees_with_a_direct_computation(setup):
 
 def test_two_processes_give_the_same_fid_as_one(setup):
     args = ['calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', setup['detector'], '--batch', 8,
-            '--workers', 0]
+            '--workers', 0, '--device', 'cpu']  # gloo: two ranks cannot share one GPU under nccl
     single = fid_of(run_fid(*args))
     # '--' ends torchrun's own options: without it torchrun reads --num as an abbreviation of its --numa-binding.
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'fid.py', *map(str, args)]

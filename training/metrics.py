@@ -87,11 +87,12 @@ class Detector:
             raise ValueError(f'detector input must be uint8 [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}')
         if images.shape[1] == 1:
             images = images.repeat([1, 3, 1, 1])
-        if self.convention == 'uint8':
-            features = self.module(images, return_features=True)
-        else:
-            x = resize_tf1_bilinear(images.to(torch.float32), INCEPTION_RESOLUTION)
-            features = self.module((x - 128) / 128)
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):  # same features as on CPU
+            if self.convention == 'uint8':
+                features = self.module(images, return_features=True)
+            else:
+                x = resize_tf1_bilinear(images.to(torch.float32), INCEPTION_RESOLUTION)
+                features = self.module((x - 128) / 128)
         return features.reshape(len(images), -1).to(torch.float64)
 
 
