@@ -140,7 +140,7 @@ def split_seeds(seeds, max_batch_size, rank, world_size):
 @click.option('--schedule', help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling', help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-@click.option('--precision', help='Network arithmetic (fp16/bf16: CUDA autocast)', type=click.Choice(list(sampling.PRECISIONS)), default='fp32', show_default=True)
+@click.option('--precision', help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(sampling.PRECISIONS)))
 def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, precision, **sampler_options):
     """Generate images from a trained diffusion model.
 
@@ -166,6 +166,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     except ValueError as error:
         raise click.ClickException(f'--device: {error}')
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    precision = precision or sampling.default_precision(device)
     if precision != 'fp32' and device.type != 'cuda':
         raise click.ClickException(f'--precision {precision} needs a CUDA device; this run uses {device.type}')
 
@@ -182,7 +183,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
         raise click.ClickException(f'--class {class_idx}: out of range, the network has classes 0-{net.label_dim - 1}')
 
     rank_batches, all_batches = split_seeds(seeds, max_batch_size, rank, world_size)
-    distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} '
+    distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
         f'on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}
     progress = tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0)

@@ -155,9 +155,10 @@ def test_generate_images_draws_from_the_seeds_and_converts_to_uint8():
     assert torch.equal(images, sampling.images_to_uint8(sampling.dpm_solver_pp(net, latents, num_steps=4)))
 
 
-def test_reduced_precision_is_refused_on_cpu():
+@pytest.mark.parametrize('precision', ['tf32', 'fp16', 'bf16'])
+def test_reduced_precision_is_refused_on_cpu(precision):
     with pytest.raises(ValueError, match='precision'):
-        sampling.generate_images(GaussianToy(), [0], 'edm', {}, 'cpu', precision='bf16')
+        sampling.generate_images(GaussianToy(), [0], 'edm', {}, 'cpu', precision=precision)
 
 
 def test_images_to_uint8_rounds_to_nearest_and_clips():
@@ -324,10 +325,10 @@ def test_no_host_sync_per_step_on_cuda(published_runs, solver_id):
 
 
 @needs_cuda
-@pytest.mark.parametrize('precision', ['fp16', 'bf16'])
+@pytest.mark.parametrize('precision', ['tf32', 'fp16', 'bf16'])
 def test_reduced_precision_images_stay_close_on_cuda(published_runs, precision):
     net = copy.deepcopy(published_runs[0][1]).cuda()
-    full = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda').float()
+    full = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda', precision='fp32').float()
     reduced = sampling.generate_images(net, range(16), 'edm', dict(num_steps=6), 'cuda', precision=precision).float()
     mean_abs_levels = (full - reduced).abs().mean().item()
     assert mean_abs_levels < 4, mean_abs_levels
@@ -336,8 +337,9 @@ def test_reduced_precision_images_stay_close_on_cuda(published_runs, precision):
 @needs_cuda
 def test_fp32_generation_does_not_depend_on_the_batch_on_cuda(published_runs):
     net = copy.deepcopy(published_runs[0][1]).cuda()
-    one_by_one = torch.cat([sampling.generate_images(net, [seed], 'edm', dict(num_steps=4), 'cuda') for seed in range(6)])
-    in_pairs = torch.cat([sampling.generate_images(net, [seed, seed + 1], 'edm', dict(num_steps=4), 'cuda') for seed in (0, 2, 4)])
+    generate = lambda seeds: sampling.generate_images(net, seeds, 'edm', dict(num_steps=4), 'cuda', precision='fp32')
+    one_by_one = torch.cat([generate([seed]) for seed in range(6)])
+    in_pairs = torch.cat([generate([seed, seed + 1]) for seed in (0, 2, 4)])
     assert torch.equal(one_by_one, in_pairs)
 
 
