@@ -178,7 +178,7 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, max_batch_size, wo
     """
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
-    if network_pkl is None and (seeds is not None or class_idx is not None or precision != 'fp32'
+    if network_pkl is None and (seeds is not None or class_idx is not None or precision is not None
                                 or any(value is not None for value in sampler_options.values())):
         raise click.UsageError('--seeds, --class, --precision and the sampler options apply to --network only')
     if seeds is not None and num_images is not None and num_images != len(seeds):

