@@ -8,6 +8,7 @@ prints it, saves it as `training_options.json` in a fresh run directory and hand
 
 import json
 import os
+import pickle
 import re
 import secrets
 
@@ -168,7 +169,7 @@ def check_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) and check that it fits the network."""
     try:
         data = persistence.load_network_pickle(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise click.ClickException(f'--transfer={path}: {err}')
     try:
         training_loop.check_transferable(data, net)

@@ -175,17 +175,18 @@ def test_transfer_starts_from_the_snapshot_weights(runs, tmp_path, data):
 
 
 def test_sigterm_saves_a_state_that_resumes(tmp_path, data):
+    # The signal goes to the whole process group, as a batch system sends it: data workers must not break the stop.
     run_dir = tmp_path / 'run'
-    command = [sys.executable, str(REPO_ROOT / 'train.py'), *tiny_options(data, run_dir, 100000)]
+    command = [sys.executable, str(REPO_ROOT / 'train.py'), *tiny_options(data, run_dir, 100000, '--workers=1')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (run_dir / 'stats.jsonl').exists() or not (run_dir / 'stats.jsonl').read_text():
             assert process.poll() is None and time.time() < deadline, 'training did not start'
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
         process.kill()

@@ -152,6 +152,12 @@ class _StopRequest:
         return bool(flag.item())
 
 
+def _ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the training process, which stops cleanly and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _pass_seed(seed, step, pass_index):
     """Seed of the generator for one forward/backward pass: a hash of the run seed, step and pass."""
     return int(np.random.SeedSequence([seed, step, pass_index]).generate_state(1, np.uint64)[0] >> 1)
@@ -276,7 +282,7 @@ def training_loop(
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     sampler = _GlobalOrderSampler(dataset, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
                                   start_nimg=resume['sampler_nimg'] if resume else 0)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, worker_init_fn=_ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(seed), **data_loader_kwargs)
     dataset_iterator = iter(loader)
 
@@ -300,7 +306,10 @@ def training_loop(
     if resume_pkl is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
         data = persistence.load_network_pickle(resume_pkl)
-        check_transferable(data, net)
+        try:
+            check_transferable(data, net)
+        except TrainingStateError as err:
+            raise TrainingStateError(f'{resume_pkl}: {err}') from None
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
         del data
