@@ -46,7 +46,8 @@ def _feature_stats(detector, batches_of_images, num_batches, device, desc):
     try:
         for images in tqdm.tqdm(batches_of_images, total=num_batches, desc=desc, unit='batch', disable=not dist.is_main()):
             features = detector(images.to(device))
-            stats = stats or metrics.FeatureStats(features.shape[1], device=device)
+            if stats is None:
+                stats = metrics.FeatureStats(features.shape[1], device=device)
             stats.append(features)
     except dataset.DatasetError as e:  # from a DataLoader worker the message carries its traceback; keep the last line
         raise click.ClickException(str(e).strip().splitlines()[-1]) from None
@@ -56,14 +57,14 @@ def _feature_stats(detector, batches_of_images, num_batches, device, desc):
 def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, device, option):
     """Feature statistics of `num_images` images (all when None) of a ZIP or folder, subset chosen by `seed`."""
     try:
-        images = dataset.ImageFolderDataset(path=path, max_size=num_images, random_seed=seed)
+        image_set = dataset.ImageFolderDataset(path=path, max_size=num_images, random_seed=seed)
     except dataset.DatasetError as e:
         raise click.BadParameter(str(e), param_hint=option) from None
-    if num_images is not None and len(images) < num_images:
-        raise click.BadParameter(f'{path} holds {len(images)} images, fewer than --num={num_images}', param_hint=option)
-    dist.print0(f'Reading {len(images)} images from {path}')
-    batches = _rank_batches(len(images), max_batch_size)
-    loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=workers)
+    if num_images is not None and len(image_set) < num_images:
+        raise click.BadParameter(f'{path} holds {len(image_set)} images, fewer than --num={num_images}', param_hint=option)
+    dist.print0(f'Reading {len(image_set)} images from {path}')
+    batches = _rank_batches(len(image_set), max_batch_size)
+    loader = torch.utils.data.DataLoader(image_set, batch_sampler=batches, num_workers=workers)
     return _feature_stats(detector, (images for images, _labels in loader), len(batches), device, desc='features')
 
 

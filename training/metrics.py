@@ -1,7 +1,7 @@
 """Feature detectors, feature statistics and the Fréchet Inception Distance (SPEC §5).
 
 A detector maps uint8 images [N, C, H, W] to features [N, D]. Statistics are accumulated in float64 as
-sums, so that shares of a data set computed on several ranks add up exactly, and the FID is computed in
+sums, so that the shares of a data set computed on several ranks simply add up, and the FID is computed in
 float64 from a symmetric eigen-decomposition instead of a general matrix square root.
 """
 
@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 import torch
 
+import dnnlib.util
 from torch_utils import distributed
 
 NVIDIA_DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -30,7 +31,6 @@ class DetectorError(ValueError):
 
 class StatisticsError(ValueError):
     """Feature statistics that are missing, malformed or made by another detector."""
-
 
 
 def resize_tf1_bilinear(images, size):
@@ -170,7 +170,6 @@ def offline_detector_path():
 
 
 def _read_nvidia_detector(cache_dir, verbose):
-    import dnnlib.util
     try:
         with dnnlib.util.open_url(NVIDIA_DETECTOR_URL, cache_dir=cache_dir, verbose=verbose) as f:
             return f.read()
@@ -208,7 +207,6 @@ def load_detector(detector='nvidia', device=torch.device('cpu'), cache_dir=None,
     module = _load_torchscript_bytes(data, path)
     convention = 'uint8' if _uses_uint8_convention(module) else 'float299'
     return Detector(module, name, _sha256(data), convention).to(device)
-
 
 
 class FeatureStats:
@@ -253,7 +251,6 @@ class FeatureStats:
 
 def save_statistics(path, mu, sigma, detector, num_images):
     """Write `mu`, `sigma`, the detector identity and the image count to an .npz atomically."""
-    import dnnlib.util
     with dnnlib.util.atomic_write(path, 'wb') as f:
         np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
                  detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64))
@@ -293,7 +290,6 @@ def check_same_detector(ref_detector, detector, source):
     if ref_hash != detector.sha256:
         raise StatisticsError(f'{source} was made with detector "{ref_detector}" but this run uses '
                               f'"{detector.identity}"; FIDs from different detectors are not comparable')
-
 
 
 def _psd_eigenvalues(matrix):
