@@ -4,7 +4,6 @@ import importlib.util
 import io
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
