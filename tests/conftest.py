@@ -1,9 +1,13 @@
 """Shared test fixtures: the reference directory and small, fast torch settings."""
 
+import os
 import pathlib
 
-import pytest
-import torch
+# Idle OpenMP threads yield instead of spinning: the suite runs several processes (torchrun tests) on 2 cores.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / 'shared' / 'reference'
