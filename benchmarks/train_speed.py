@@ -90,6 +90,7 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
         timed_steps     = steps,
         sec_per_kimg    = timed['Timing/sec_per_kimg']['mean'],
         sec_per_step    = timed['Timing/sec_per_kimg']['mean'] * batch / 1000,
+        cpu_sec_per_kimg = timed['Timing/cpu_sec_per_kimg']['mean'],
         peak_cpu_mem_gb = timed['Resources/peak_cpu_mem_gb']['mean'],
         peak_gpu_mem_gb = timed['Resources/peak_gpu_mem_gb']['mean'],
         options         = args,
@@ -105,15 +106,21 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
 @click.option('--precision',    help='Arithmetic', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True)
 @click.option('--compile',      help='torch.compile the network', type=bool, default=False, show_default=True)
 @click.option('--workers',      help='DataLoader worker processes', type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', type=click.IntRange(min=1))
 @click.option('--json', 'json_path', help='Also write the result to this JSON file', type=click.Path(dir_okay=False))
-def main(config, device, steps, batch, batch_gpu, precision, compile, workers, json_path):
-    """Measure sec/kimg and peak memory of one training configuration."""
+def main(config, device, steps, batch, batch_gpu, precision, compile, workers, threads, json_path):
+    """Measure sec/kimg and peak memory of one training configuration.
+
+    On a shared CPU, compare `cpu_sec_per_kimg` (CPU time of the training process) as well as wall time.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     result = run_benchmark(config, device, steps, batch, batch_gpu, precision, compile, workers)
     rows = [(key, result[key]) for key in ('config', 'device', 'device_name', 'threads', 'batch', 'batch_gpu',
                                            'precision', 'compile', 'timed_steps', 'sec_per_step', 'sec_per_kimg',
-                                           'peak_cpu_mem_gb', 'peak_gpu_mem_gb')]
+                                           'cpu_sec_per_kimg', 'peak_cpu_mem_gb', 'peak_gpu_mem_gb')]
     print()
     print(f'{"quantity":<16} value')
     print(f'{"-" * 16} {"-" * 24}')

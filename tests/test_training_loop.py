@@ -24,7 +24,7 @@ STEPS = 6                                 # steps of the "straight" runs; resume
 
 def tiny_options(data, outdir, steps, *extra):
     """A small fast network and a run of `steps` steps, with dropout and augmentation so that every RNG matters."""
-    return [f'--outdir={outdir}', f'--data={data}', '--nosubdir', '--cbase=16', '--cres=1,2', f'--batch={BATCH}',
+    return [f'--outdir={outdir}', f'--data={data}', '--nosubdir', '--device=cpu', '--cbase=16', '--cres=1,2', f'--batch={BATCH}',
             '--batch-gpu=4', f'--duration={steps * BATCH / 1e6}', f'--tick={2 * BATCH / 1000}', '--snap=1', '--dump=1',
             '--workers=0', '--seed=7', '--lr=2e-3', '--lr_rampup=0.00002', '--ema=0.00002', '--dropout=0.1',
             '--augment=0.5', '--warmup_ite=4', *extra]
@@ -154,7 +154,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 def test_loss_goes_down(tmp_path):
     # One repeated image: the denoiser can learn it exactly, so the loss must fall far within a few steps.
     data = write_dataset(tmp_path / 'one-image.zip', num_images=4, resolution=8, num_classes=0, same_image=True)
-    run_in_process([f'--outdir={tmp_path}', f'--data={data}', '--nosubdir', '--cbase=16', '--cres=1,2', '--batch=16',
+    run_in_process([f'--outdir={tmp_path}', f'--data={data}', '--nosubdir', '--device=cpu', '--cbase=16', '--cres=1,2', '--batch=16',
                     '--duration=0.00064', '--tick=0.16', '--workers=0', '--seed=0', '--lr=1e-2', '--lr_rampup=0',
                     '--augment=0', '--dropout=0', '--snap=0', '--dump=0'])
     stats = [json.loads(line) for line in (tmp_path / 'stats.jsonl').read_text().splitlines()]
@@ -208,3 +208,16 @@ def test_truncated_state_gives_a_one_line_error(runs, tmp_path, data):
     assert result.exit_code != 0 and 'Traceback' not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert len(errors) == 1 and 'truncated or corrupt' in errors[0], result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'fp16'])
+def test_cuda_training_runs_and_resumes(tmp_path, data, precision):
+    options = tiny_options(data, tmp_path / 'half', STEPS // 2, '--device=cuda', f'--precision={precision}')
+    run_in_process(options)
+    run_in_process(tiny_options(data, tmp_path / 'full', STEPS, '--device=cuda', f'--precision={precision}',
+                                f'--resume={tmp_path / "half"}'))
+    state = latest_state(tmp_path / 'full')
+    assert state['cur_step'] == STEPS and state['rng_states'][0]['torch_cuda'] is not None
+    assert all(torch.isfinite(tensor).all() for tensor in state['net'].values())
+    assert 'gpumem' in (tmp_path / 'full' / 'log.txt').read_text()

@@ -215,6 +215,12 @@ def _save_snapshot(path, data):
         pickle.dump(data, f)
 
 
+def _cpu_sec(process):
+    """CPU time this process has used (all threads); beside wall time it shows what other load cost a tick."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def _peak_cpu_mem_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
@@ -402,7 +408,9 @@ def training_loop(
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
     distributed.print0(f'Training for {total_kimg:g} kimg from {cur_nimg / 1000:g} kimg...')
     distributed.print0()
+    process = psutil.Process()
     tick_start_time = time.time()
+    tick_start_cpu_sec = _cpu_sec(process)
     maintenance_sec = tick_start_time - start_time
     summary = dnnlib.EasyDict(cur_nimg=cur_nimg, cur_step=cur_step, stopped=False)
     stop.install()
@@ -449,14 +457,16 @@ def training_loop(
             tick_end_time = time.time()
             tick_sec = tick_end_time - tick_start_time
             sec_per_kimg = tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1000
+            cpu_sec_per_kimg = (_cpu_sec(process) - tick_start_cpu_sec) / max(cur_nimg - tick_start_nimg, 1) * 1000
             total_time_sec = time_offset_sec + tick_end_time - start_time
-            cpu_mem_gb = psutil.Process().memory_info().rss / 2**30
+            cpu_mem_gb = process.memory_info().rss / 2**30
             gpu_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
             training_stats.report0('Progress/tick', cur_tick)
             training_stats.report0('Progress/kimg', cur_nimg / 1e3)
             training_stats.report0('Timing/total_sec', total_time_sec)
             training_stats.report0('Timing/sec_per_tick', tick_sec)
             training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+            training_stats.report0('Timing/cpu_sec_per_kimg', cpu_sec_per_kimg)
             training_stats.report0('Timing/maintenance_sec', maintenance_sec)
             training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
             training_stats.report0('Resources/peak_cpu_mem_gb', _peak_cpu_mem_gb())
@@ -497,6 +507,7 @@ def training_loop(
                 stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
             tick_start_time = time.time()
+            tick_start_cpu_sec = _cpu_sec(process)
             maintenance_sec = tick_start_time - tick_end_time
             if finished or stopping:
                 break
