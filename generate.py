@@ -53,6 +53,9 @@ def choose_sampler(solver, discretization, schedule, scaling):
     return 'edm'
 
 
+OPTION_NAMES = {'num_steps': 'steps', 'discretization': 'disc'}  # sampler keyword → command-line option
+
+
 def check_sampler_options(sampler_name, options):
     """Every given option must be one the sampler takes, and the step count must be one it can run."""
     accepted = inspect.signature(sampling.SAMPLERS[sampler_name]).parameters
@@ -62,9 +65,6 @@ def check_sampler_options(sampler_name, options):
     num_steps = options.get('num_steps', accepted['num_steps'].default)
     if num_steps < sampling.MIN_NUM_STEPS[sampler_name]:
         raise click.ClickException(f'--steps {num_steps}: the {sampler_name} sampler needs at least {sampling.MIN_NUM_STEPS[sampler_name]}')
-
-
-OPTION_NAMES = {'num_steps': 'steps', 'discretization': 'disc'}  # sampler keyword → command-line option
 
 
 def load_network(network_url, device):
