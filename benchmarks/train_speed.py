@@ -18,10 +18,10 @@ import zipfile
 import click
 import numpy as np
 import PIL.Image
-import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (the repository root must be on the path first)
+import train  # noqa: E402  (first: it sets the OpenMP defaults before torch loads)
+import torch  # noqa: E402
 
 # Named configurations: dataset shape, train.py options, and the batch used on each device type.
 CONFIGS = {
