@@ -173,7 +173,8 @@ def check_resume(c, resume):
 def check_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) and check that it fits the network."""
     try:
-        data = persistence.load_network_pickle(path)
+        with dnnlib.util.open_url(path) as f:
+            data = persistence.load_network_pickle(f)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise click.ClickException(f'--transfer={path}: {err}')
     try:

@@ -311,7 +311,8 @@ def training_loop(
 
     if resume_pkl is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
-        data = persistence.load_network_pickle(resume_pkl)
+        with dnnlib.util.open_url(resume_pkl, verbose=distributed.is_main()) as f:
+            data = persistence.load_network_pickle(f)
         try:
             check_transferable(data, net)
         except TrainingStateError as err:
