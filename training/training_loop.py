@@ -9,7 +9,6 @@ given --batch and --batch-gpu; a resumed run continues bit-for-bit.
 import copy
 import json
 import os
-import pickle
 import random
 import re
 import resource
@@ -206,15 +205,6 @@ def _cpu_state_dict(module):
     return {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
 
 
-def _save_snapshot(path, data):
-    save = getattr(persistence, 'save_network_pickle', None)
-    if save is not None:
-        save(path, data)
-        return
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        pickle.dump(data, f)
-
-
 def _cpu_sec(process):
     """CPU time this process has used (all threads); beside wall time it shows what other load cost a tick."""
     times = process.cpu_times()
@@ -402,8 +392,7 @@ def training_loop(
                     misc.check_ddp_consistency(value)
                 data[key] = value.cpu()
         if distributed.is_main():
-            _save_snapshot(os.path.join(run_dir, snapshot_name(cur_nimg)), data)
-
+            persistence.save_network_pickle(os.path.join(run_dir, snapshot_name(cur_nimg)), data)
 
     total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
