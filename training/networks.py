@@ -117,22 +117,19 @@ class Conv2d(torch.nn.Module):
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
+        # The bias goes into the last convolution with weights, saving a separate add (and its backward).
         if self.fused_resample and self.up and w is not None:
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
+            return F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
+        if self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
-        else:
-            if self.up:
-                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if self.down:
-                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        if b is not None:
-            x = x + b.reshape(1, -1, 1, 1)
-        return x
+            return x if b is None else x + b.reshape(1, -1, 1, 1)
+        if self.up:
+            x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+        if self.down:
+            x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+        return F.conv2d(x, w, b, padding=w_pad) if w is not None else x
 
 
 @persistence.persistent_class
@@ -227,7 +224,9 @@ class UNetBlock(torch.nn.Module):
         else:
             x = F.silu(self.norm1(x + params))
 
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        if self.dropout and self.training:  # skip the no-op mask draw at p = 0 and in eval mode
+            x = F.dropout(x, p=self.dropout, training=True)
+        x = self.conv1(x)
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
 
         if self.num_heads:
