@@ -144,12 +144,14 @@ def _init(device, detector):
 @main.command()
 @click.option('--data', 'data_path',     help='Dataset ZIP or folder', metavar='ZIP|DIR',             type=str, required=True)
 @click.option('--dest', 'dest_path',     help='Statistics file to write', metavar='NPZ',               type=str, required=True)
+@click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--seed',                  help='Seed of the subset', metavar='INT', type=int, default=0, show_default=True)
 @_common_options
-def ref(data_path, dest_path, max_batch_size, workers, detector, device):
-    """Write the feature statistics of every image of a dataset."""
+def ref(data_path, dest_path, num_images, seed, max_batch_size, workers, detector, device):
+    """Write the feature statistics of every image of a dataset (or of a seeded subset, --num)."""
     device, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
-    stats = _dataset_stats(detector_net, data_path, None, 0, max_batch_size, workers, device, '--data')
+    stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data')
     try:
         mu, sigma = stats.mean_cov()
     except metrics.StatisticsError as e:

@@ -237,3 +237,15 @@ def test_images_and_network_together_are_an_error(setup):
 def test_sampler_options_without_network_are_an_error(setup):
     result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--steps', 10)
     assert_one_line_error(result, 'apply to --network only')
+
+
+def test_ref_num_uses_the_seeded_subset_of_the_dataset(setup, tmp_path):
+    dest = tmp_path / 'subset.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', dest, '--num', 20, '--seed', 3,
+                     '--detector', setup['detector'], '--workers', 0)
+    assert result.exit_code == 0, result.output
+    subset = dataset.ImageFolderDataset(path=str(setup['reference_dir']), max_size=20, random_seed=3)
+    features = direct_features(np.stack([subset[i][0] for i in range(len(subset))]))
+    with np.load(dest) as data:
+        assert int(data['num_images']) == 20
+        np.testing.assert_allclose(data['mu'], features.mean(0), rtol=1e-10)
