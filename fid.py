@@ -8,15 +8,19 @@ import copy
 import os
 
 import click
-import torch
-import tqdm
 
-import dnnlib.util
-import generate
-from torch_utils import distributed as dist
-from training import dataset
-from training import metrics
-from training import sampling
+# Before torch loads OpenMP: spin-waiting threads slow a shared CPU down several-fold (see train.py).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+import dnnlib.util  # noqa: E402
+import generate  # noqa: E402
+from torch_utils import distributed as dist  # noqa: E402
+from training import dataset  # noqa: E402
+from training import metrics  # noqa: E402
+from training import sampling  # noqa: E402
 
 
 def _rank0_first(fn):

@@ -10,15 +10,19 @@ import os
 import re
 
 import click
-import numpy as np
-import PIL.Image
-import torch
-import tqdm
 
-import dnnlib
-from torch_utils import distributed
-from torch_utils import persistence
-from training import sampling
+# Before torch loads OpenMP: spin-waiting threads slow a shared CPU down several-fold (see train.py).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+import dnnlib  # noqa: E402
+from torch_utils import distributed  # noqa: E402
+from torch_utils import persistence  # noqa: E402
+from training import sampling  # noqa: E402
 
 
 class SeedList(click.ParamType):
