@@ -38,7 +38,6 @@ def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f'{name}={value!r} is not one of {sorted(allowed)}')
 
-#----------------------------------------------------------------------------
 # Building blocks.
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -276,8 +275,15 @@ class FourierEmbedding(torch.nn.Module):
         x = x.ger((2 * np.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
-#----------------------------------------------------------------------------
 # Inner networks.
+
+def drop_labels(class_labels, label_dropout, training):
+    """Zero each sample's class label with probability `label_dropout` while training (classifier-free guidance)."""
+    if not (training and label_dropout):
+        return class_labels
+    keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= label_dropout
+    return class_labels * keep.to(class_labels.dtype)
+
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
@@ -377,9 +383,7 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # sin half first
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = labels * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(labels.dtype)
+            labels = drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -489,10 +493,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                labels = labels * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(labels.dtype)
-            emb = emb + self.map_label(labels)
+            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, self.training))
         emb = F.silu(emb)
 
         skips = []
@@ -513,7 +514,6 @@ def _check_resolution(img_resolution):
     if not (isinstance(img_resolution, int) and img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0):
         raise ValueError(f'img_resolution={img_resolution!r} is not a power of two >= 4')
 
-#----------------------------------------------------------------------------
 # Preconditioners: D(x) = c_skip·x + c_out·F(c_in·x, c_noise, labels).
 
 class Precond(torch.nn.Module):
@@ -685,7 +685,6 @@ class EDMPrecond(Precond):
         c_in = 1 / (sd2 + sigma ** 2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
 
-#----------------------------------------------------------------------------
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
 def fdm_input_scale(sigma, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, multiplier=2.0):
