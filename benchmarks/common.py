@@ -34,7 +34,8 @@ def markdown_table(headers, rows, digits=2):
     column_digits = digits if isinstance(digits, (list, tuple)) else [digits] * len(headers)
     cells = [[format_value(value, column_digits[i]) for i, value in enumerate(row)] for row in rows]
     widths = [max([len(str(header))] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
     def line(values):
         return '| ' + ' | '.join(value.rjust(width) if is_numeric else value.ljust(width)
                                  for value, width, is_numeric in zip(values, widths, numeric)) + ' |'

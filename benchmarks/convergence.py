@@ -10,6 +10,10 @@ FID, and a table of FID vs sampling NFE for both final networks.
 
     python benchmarks/convergence.py                                  # EDM vs EDM-FDM, bundled Fashion-MNIST
     python benchmarks/convergence.py --pair=vp --kimg=2000 --cbase=64 --device=cuda --num-fid=10000
+
+The defaults fit in about an hour on two idle CPU cores: 2 x 50 kimg of training ~17 min, 16 FIDs of 500
+generated images ~27 min, reference statistics of the 5,000 dataset images ~10 min (cached for later studies).
+On a machine shared with other work, --threads=1 keeps torch's threads from waiting on each other.
 """
 
 import contextlib
@@ -36,7 +40,7 @@ from training import training_loop  # noqa: E402
 
 DEFAULT_DATA = str(pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'fashion-mnist-32x32-5k.zip')
 
-# --pair → (baseline preconditioner, FDM preconditioner, FDM warm-up in optimizer steps: the published CIFAR-10 value).
+# --pair → (baseline preconditioner, FDM preconditioner, FDM warm-up in optimizer steps as published for CIFAR-10).
 PAIRS = {
     'edm': ('edm', 'fdm_edm', 200),
     'vp':  ('vp', 'fdm_vp', 400),
@@ -46,6 +50,27 @@ METHOD_LABELS = {'edm': 'EDM', 'vp': 'VP', 've': 'VE', 'fdm_edm': 'EDM-FDM', 'fd
 
 # Learning-rate ramp-up as a fraction of the budget: EDM and FDM ramp up over 10 of 200 Mimg.
 LR_RAMPUP_FRACTION = 10 / 200
+
+
+class Stopwatch:
+    """Wall-clock and process CPU seconds from construction to `stop()` (or the end of a `with` block).
+
+    On a shared machine the CPU seconds (all threads) show the work itself, whatever else is running.
+    """
+
+    def __init__(self):
+        self.wall_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def stop(self):
+        self.wall_sec = time.perf_counter() - self.wall_start
+        self.cpu_sec = time.process_time() - self.cpu_start
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
 
 def parse_steps_list(text):
@@ -76,7 +101,8 @@ def kimg_to_reach(curve, target_fid):
             if previous is None:
                 return kimg, 'upper bound'
             previous_kimg, previous_fid = previous
-            return previous_kimg + (previous_fid - target_fid) / (previous_fid - fid) * (kimg - previous_kimg), 'interpolated'
+            fraction = (previous_fid - target_fid) / (previous_fid - fid)
+            return previous_kimg + fraction * (kimg - previous_kimg), 'interpolated'
         previous = (kimg, fid)
     return None, 'not reached'
 
@@ -88,8 +114,7 @@ def train_args(opts, precond, run_dir, nimg, device_type):
         f'--precond={precond}', f'--cbase={opts.cbase}', f'--cres={",".join(map(str, opts.cres))}',
         f'--batch={opts.batch}', f'--lr={opts.lr}', f'--lr_rampup={opts.kimg * LR_RAMPUP_FRACTION / 1000}',
         f'--dropout={opts.dropout}', f'--augment={opts.augment}', f'--seed={opts.seed}', f'--device={device_type}',
-        '--workers=0', '--snap=0', '--dump=0', f'--tick={opts.kimg / opts.checkpoints / 4}',
-        f'--duration={(nimg - opts.batch / 2) / 1e6}',  # half a batch short: float rounding of Mimg cannot add a step
+        '--workers=0', '--snap=0', '--dump=0', f'--tick={opts.kimg / opts.checkpoints / 4}', f'--duration={nimg / 1e6}',
     ]
     if precond.startswith('fdm_'):
         args.append(f'--warmup_ite={opts.warmup_ite}')
@@ -143,29 +168,30 @@ def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
         args = train_args(opts, precond, run_dir, nimg, device.type)
         if index > 0:
             args.append(f'--resume={run_dir}')
-        start_sec = time.time()
-        train_segment(args)
-        train_sec = time.time() - start_sec
+        with Stopwatch() as train_time:
+            train_segment(args)
         snapshot = os.path.join(run_dir, training_loop.snapshot_name(nimg))
         if not os.path.isfile(snapshot):
-            raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no {os.path.basename(snapshot)}); '
-                                       f'see {os.path.join(run_dir, "log.txt")}')
+            raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no '
+                                       f'{os.path.basename(snapshot)}); see {os.path.join(run_dir, "log.txt")}')
         net = persistence.load_network_pickle(snapshot)['ema'].to(device).eval()
-        start_sec = time.time()
-        fid = network_fid(net, opts.steps, opts.num_fid, opts.eval_batch, detector, reference, device)
-        eval_sec = time.time() - start_sec
-        checkpoints.append(dict(kimg=nimg / 1000, fid=fid, train_sec=train_sec, eval_sec=eval_sec, snapshot=snapshot))
-        print(f'{label:<8} {nimg / 1000:9.3f} kimg   FID {fid:8.3f}   (training {train_sec:6.1f} s, FID {eval_sec:6.1f} s)',
-              flush=True)
+        with Stopwatch() as eval_time:
+            fid = network_fid(net, opts.steps, opts.num_fid, opts.eval_batch, detector, reference, device)
+        checkpoints.append(dict(kimg=nimg / 1000, fid=fid, snapshot=snapshot,
+                                train_sec=train_time.wall_sec, train_cpu_sec=train_time.cpu_sec,
+                                eval_sec=eval_time.wall_sec, eval_cpu_sec=eval_time.cpu_sec))
+        print(f'{label:<8} {nimg / 1000:9.3f} kimg   FID {fid:8.3f}   (training {train_time.wall_sec:6.1f} s, '
+              f'FID {eval_time.wall_sec:6.1f} s)', flush=True)
 
     nfe_rows = []
     for num_steps in opts.nfe_steps:
-        start_sec = time.time()
-        fid = checkpoints[-1]['fid'] if num_steps == opts.steps else \
-            network_fid(net, num_steps, opts.num_fid, opts.eval_batch, detector, reference, device)
-        eval_sec = time.time() - start_sec
-        nfe_rows.append(dict(steps=num_steps, nfe=2 * num_steps - 1, fid=fid, eval_sec=eval_sec))
-        print(f'{label:<8} {nimg / 1000:9.3f} kimg   NFE {2 * num_steps - 1:3d}   FID {fid:8.3f}   ({eval_sec:6.1f} s)', flush=True)
+        with Stopwatch() as eval_time:
+            fid = checkpoints[-1]['fid'] if num_steps == opts.steps else \
+                network_fid(net, num_steps, opts.num_fid, opts.eval_batch, detector, reference, device)
+        nfe_rows.append(dict(steps=num_steps, nfe=2 * num_steps - 1, fid=fid,
+                             eval_sec=eval_time.wall_sec, eval_cpu_sec=eval_time.cpu_sec))
+        print(f'{label:<8} {nimg / 1000:9.3f} kimg   NFE {2 * num_steps - 1:3d}   FID {fid:8.3f}   '
+              f'({eval_time.wall_sec:6.1f} s)', flush=True)
     num_params = sum(param.numel() for param in net.parameters())
     return dict(label=label, precond=precond, run_dir=run_dir, num_params=num_params, checkpoints=checkpoints,
                 nfe=nfe_rows, train_args=train_args(opts, precond, run_dir, nimgs[-1], device.type))
@@ -192,6 +218,7 @@ def summarise(results, baseline, fdm):
 def report_markdown(study, results, baseline, fdm, summary):
     base_label, fdm_label = METHOD_LABELS[baseline], METHOD_LABELS[fdm]
     s = study['settings']
+    t = study['timing']
     lines = [
         f'# {base_label} vs {fdm_label}: FID during training',
         '',
@@ -218,9 +245,10 @@ def report_markdown(study, results, baseline, fdm, summary):
             [base['steps'], base['nfe'], base['fid'], other['fid']]
             for base, other in zip(results[baseline]['nfe'], results[fdm]['nfe'])]),
         '',
-        f'Time: reference statistics {study["timing"]["reference_sec"]:.0f} s, training '
-        f'{study["timing"]["train_sec"]:.0f} s, FID {study["timing"]["eval_sec"]:.0f} s, total '
-        f'{dnnlib.util.format_time(study["timing"]["total_sec"])}.',
+        f'Time (wall / process CPU): reference statistics {t["reference_sec"]:.0f} / {t["reference_cpu_sec"]:.0f} s'
+        f'{"" if t["reference_computed"] else " (cached)"}, training {t["train_sec"]:.0f} / {t["train_cpu_sec"]:.0f} s, '
+        f'FID {t["eval_sec"]:.0f} / {t["eval_cpu_sec"]:.0f} s, total {dnnlib.util.format_time(t["total_sec"])} / '
+        f'{dnnlib.util.format_time(t["total_cpu_sec"])}.',
         '',
     ]
     return '\n'.join(lines)
@@ -228,9 +256,9 @@ def report_markdown(study, results, baseline, fdm, summary):
 
 def conclusion_line(summary, base_label, fdm_label):
     change = summary['fdm_final_fid_change']
-    verdict = 'lower (better)' if change < 0 else 'higher (worse)' if change > 0 else 'equal'
+    verdict = 'the same' if change == 0 else f'{abs(change) * 100:.1f}% ' + ('lower (better)' if change < 0 else 'higher (worse)')
     final = (f'At {summary["baseline_final_kimg"]:g} kimg {fdm_label} has FID {summary["fdm_final_fid"]:.2f} vs '
-             f'{base_label} {summary["baseline_final_fid"]:.2f}: {abs(change) * 100:.1f}% {verdict}. ')
+             f'{base_label} {summary["baseline_final_fid"]:.2f}: {verdict}. ')
     if summary['fdm_kimg_how'] == 'not reached':
         return final + f'{fdm_label} does not reach {base_label}\'s final FID within the budget (not reached).'
     bound = 'at most ' if summary['fdm_kimg_how'] == 'upper bound' else ''
@@ -242,7 +270,7 @@ def conclusion_line(summary, base_label, fdm_label):
 @click.option('--pair',         help='Baseline and its FDM variant', type=click.Choice(list(PAIRS)), default='edm', show_default=True)
 @click.option('--data',         help='Dataset ZIP or folder', metavar='ZIP|DIR', type=str, default=DEFAULT_DATA, show_default='bundled Fashion-MNIST 5k')
 @click.option('--cond',         help='Class-conditional training', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--kimg',         help='Training budget per method', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
+@click.option('--kimg',         help='Training budget per method', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--checkpoints',  help='FID measurements over the budget', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--arch',         help='Network architecture', type=click.Choice(sorted(networks.ARCH_PRESETS)), default='ddpmpp', show_default=True)
 @click.option('--cbase',        help='Channel multiplier', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
@@ -269,7 +297,7 @@ def main(**kwargs):
     python benchmarks/convergence.py --pair=ve --kimg=6 --checkpoints=3 --num-fid=100   # a quick look
     """
     opts = dnnlib.EasyDict(kwargs)
-    start_sec = time.time()
+    study_time = Stopwatch()
     baseline, fdm, default_warmup_ite = PAIRS[opts.pair]
     opts.warmup_ite = opts.warmup_ite or default_warmup_ite
     if opts.threads is not None:
@@ -291,24 +319,34 @@ def main(**kwargs):
         raise click.BadParameter(str(err), param_hint='--detector') from None
 
     os.makedirs(opts.outdir, exist_ok=True)
-    study_dir = train.make_run_dir(opts.outdir, f'{opts.pair}-{images.name}-c{opts.cbase}-b{opts.batch}-{opts.kimg:g}kimg', nosubdir=False)
+    desc = f'{opts.pair}-{images.name}-c{opts.cbase}-b{opts.batch}-{opts.kimg:g}kimg'
+    study_dir = train.make_run_dir(opts.outdir, desc, nosubdir=False)
     print(f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {opts.data}: {opts.kimg:g} kimg each, FID at '
           f'{", ".join(f"{nimg / 1000:g}" for nimg in nimgs)} kimg on {device} ({torch.get_num_threads()} threads)')
     print(f'Study directory: {study_dir}', flush=True)
 
     ref_path = os.path.join(opts.outdir, f'fid-ref-{images.name}-{detector.name}.npz')
-    ref_start_sec = time.time()
-    reference, computed = reference_statistics(opts.data, detector, opts.eval_batch, device, ref_path)
-    reference_sec = time.time() - ref_start_sec
-    print(f'Reference statistics: {ref_path} ({"computed in " + format(reference_sec, ".0f") + " s" if computed else "cached"})',
-          flush=True)
+    with Stopwatch() as reference_time:
+        reference, computed = reference_statistics(opts.data, detector, opts.eval_batch, device, ref_path)
+    print(f'Reference statistics: {ref_path} '
+          f'({"computed in " + format(reference_time.wall_sec, ".0f") + " s" if computed else "cached"})', flush=True)
 
     results = {precond: run_method(opts, precond, os.path.join(study_dir, precond), nimgs, detector, reference, device)
                for precond in (baseline, fdm)}
     summary = summarise(results, baseline, fdm)
-    train_sec = sum(c['train_sec'] for result in results.values() for c in result['checkpoints'])
-    eval_sec = sum(c['eval_sec'] for result in results.values() for c in result['checkpoints']) + \
-        sum(row['eval_sec'] for result in results.values() for row in result['nfe'])
+    study_time.stop()
+    evaluations = [c for result in results.values() for c in result['checkpoints'] + result['nfe']]
+    timing = dict(
+        reference_sec       = reference_time.wall_sec,
+        reference_cpu_sec   = reference_time.cpu_sec,
+        reference_computed  = computed,
+        train_sec           = sum(c['train_sec'] for result in results.values() for c in result['checkpoints']),
+        train_cpu_sec       = sum(c['train_cpu_sec'] for result in results.values() for c in result['checkpoints']),
+        eval_sec            = sum(e['eval_sec'] for e in evaluations),
+        eval_cpu_sec        = sum(e['eval_cpu_sec'] for e in evaluations),
+        total_sec           = study_time.wall_sec,
+        total_cpu_sec       = study_time.cpu_sec,
+    )
     study = dict(
         pair        = opts.pair,
         settings    = {key: value for key, value in opts.items()},
@@ -322,8 +360,7 @@ def main(**kwargs):
                            torch=torch.__version__),
         methods     = results,
         summary     = summary,
-        timing      = dict(reference_sec=reference_sec, reference_computed=computed, train_sec=train_sec,
-                           eval_sec=eval_sec, total_sec=time.time() - start_sec),
+        timing      = timing,
     )
     paths = dict(md=os.path.join(study_dir, 'convergence.md'), json=os.path.join(study_dir, 'convergence.json'),
                  png=os.path.join(study_dir, 'convergence.png'))
