@@ -98,6 +98,18 @@ def test_sample_speed_prints_table_and_json(tmp_path):
     assert table['edm'][0] == '3' and table['dpm'][0] == '2'
 
 
+def test_fid_speed_prints_table_and_json(tmp_path, tiny_detector):
+    json_path = tmp_path / 'fid_speed.json'
+    stdout = run_script('benchmarks/fid_speed.py', f'--detector={tiny_detector}', '--resolution=8', '--batch=2',
+                        '--batches=1', '--repeats=1', '--device=cpu', f'--out={json_path}')
+    report = json.loads(json_path.read_text())
+    assert report['detector'].startswith('tiny-detector.pt sha256:')
+    assert report['images_per_s'] > 0 and report['fid_seconds'] > 0
+    table_rows = [line for line in stdout.splitlines() if line.startswith('| ')]
+    assert len(table_rows) == 3  # header and two measures
+    assert 'images/s' in table_rows[1] and 'one FID' in table_rows[2]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Convergence study.
 
