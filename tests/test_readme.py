@@ -37,16 +37,16 @@ def script_invocations():
     found = []
     for command in readme_shell_commands():
         for part in command.split('&&'):
-            words = shlex.split(part)
+            words = shlex.split(part, comments=True)
             for i, word in enumerate(words):
-                if pathlib.PurePath(word).name in SCRIPTS and i > 0 and words[0] in LAUNCHERS:
-                    found.append((pathlib.PurePath(word).name, words[i + 1:]))
+                if i > 0 and words[0] in LAUNCHERS and word.endswith('.py') and (REPO_ROOT / word).is_file():
+                    found.append((word, words[i + 1:]))
                     break
     return found
 
 
 def load_cli(script):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace('.', '_') + '_readme', REPO_ROOT / script)
+    spec = importlib.util.spec_from_file_location(script[:-3].replace('/', '_') + '_readme', REPO_ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return next(obj for obj in vars(module).values() if isinstance(obj, click.Command) and obj.callback.__module__ == module.__name__)
@@ -60,7 +60,7 @@ def test_no_command_line_starts_with_an_option():
 
 def test_readme_runs_each_of_our_scripts():
     scripts = {script for script, _ in script_invocations()}
-    assert scripts == set(SCRIPTS)
+    assert set(SCRIPTS) <= scripts and any(script.startswith('benchmarks/') for script in scripts)
 
 
 @pytest.mark.parametrize('script, argv', script_invocations(), ids=lambda v: v if isinstance(v, str) else None)
