@@ -1,10 +1,7 @@
 """torch_utils.distributed: single process without environment, no CUDA calls on CPU, 2 gloo ranks under torchrun."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,15 +9,15 @@ import torch
 import torch.distributed as dist
 
 from torch_utils import distributed
+import conftest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
 @pytest.fixture(autouse=True)
 def plain_process(monkeypatch):
     """A process not started by torchrun, with no device chosen yet."""
-    for name in TORCHRUN_ENV:
+    for name in conftest.TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(distributed, '_device', None)
 
@@ -105,12 +102,7 @@ def run_torchrun(script_text, tmp_path, nproc_per_node):
     """Run a script under torchrun on this machine; it receives tmp_path as argv[1]."""
     script = tmp_path / 'script.py'
     script.write_text(textwrap.dedent(script_text))
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc_per_node}',
-           str(script), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    conftest.run_torchrun([script, tmp_path], nproc=nproc_per_node, cwd=tmp_path, timeout=120)
 
 
 def test_two_gloo_ranks_under_torchrun(tmp_path):

@@ -8,8 +8,6 @@ import importlib.util
 import io
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -24,6 +22,7 @@ import fid
 import generate
 from training import dataset
 from training import networks
+from conftest import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST_ZIP = os.path.join(REPO_ROOT, 'datasets', 'fashion-mnist-32x32-5k.zip')
@@ -142,10 +141,7 @@ def test_two_processes_give_the_same_fid_as_one(setup):
             '--workers', 0, '--device', 'cpu']  # gloo: two ranks cannot share one GPU under nccl
     single = fid_of(run_fid(*args))
     # '--' ends torchrun's own options: without it torchrun reads --num as an abbreviation of its --numa-binding.
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', 'fid.py', *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert process.returncode == 0, process.stderr[-3000:]
+    process = run_torchrun(['fid.py', *args], timeout=180)
     assert float(process.stdout.strip().splitlines()[-1]) == pytest.approx(single, rel=1e-5)
 
 

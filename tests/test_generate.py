@@ -3,8 +3,6 @@
 import io
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
@@ -14,6 +12,7 @@ from click.testing import CliRunner
 
 import generate
 from training import networks, sampling
+from conftest import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = '0-3,1000'
@@ -87,13 +86,9 @@ def test_batch_size_does_not_change_the_files(batch1_subdirs_files, batch3_files
 
 
 def test_two_processes_write_the_same_files(network_pickles, batch3_files, tmp_path):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate.py',
-        '--network', str(network_pickles['cond']), '--outdir', str(tmp_path), '--seeds', SEEDS, '--steps', '3',
-        '--batch', '2', '--device', 'cpu']
     # CPU convolutions may round differently with another thread count: match the in-process runs'.
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun(['generate.py', '--network', network_pickles['cond'], '--outdir', tmp_path, '--seeds', SEEDS,
+                  '--steps', '3', '--batch', '2', '--device', 'cpu'], threads=torch.get_num_threads())
     assert read_tree(tmp_path) == batch3_files
 
 

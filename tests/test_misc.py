@@ -3,16 +3,14 @@
 import contextlib
 import itertools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from torch_utils import misc
+from conftest import run_torchrun
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -200,11 +198,7 @@ CONSISTENCY_SCRIPT = """
 def test_check_ddp_consistency_names_the_differing_tensor_on_every_rank(tmp_path):
     script = tmp_path / 'consistency.py'
     script.write_text(textwrap.dedent(CONSISTENCY_SCRIPT))
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
-    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_torchrun([script, tmp_path], cwd=tmp_path, timeout=120)
     for rank in range(2):
         output = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert output == dict(error='check_ddp_consistency: Linear.bias differs from rank 0 on 1 rank(s)')

@@ -1,7 +1,6 @@
 """README.md and packaging files: every documented command parses with its script's own CLI."""
 
 import importlib.util
-import pathlib
 import re
 import shlex
 

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import train
+import conftest
 from test_train import write_dataset
 from training import training_loop
 
@@ -37,12 +38,7 @@ def run_in_process(args):
 
 
 def run_torchrun(args, nproc=2):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-               str(REPO_ROOT / 'train.py'), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return conftest.run_torchrun([REPO_ROOT / 'train.py', *args], nproc=nproc)
 
 
 def latest_state(run_dir):

@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 
 from torch_utils import training_stats
+from conftest import run_torchrun
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,12 +131,7 @@ REDUCE_SCRIPT = """
 def test_collector_reduces_across_two_gloo_ranks(tmp_path):
     script = tmp_path / 'reduce.py'
     script.write_text(textwrap.dedent(REDUCE_SCRIPT))
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(name, None)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_torchrun([script, tmp_path], cwd=tmp_path, timeout=120)
 
     loss_samples = np.concatenate([np.arange(1, 4) * 1.0, np.arange(1, 6) * 2.0])
     expected = {
