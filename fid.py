@@ -99,16 +99,6 @@ def _load_reference(ref_path):
         raise click.BadParameter(str(e), param_hint='--ref') from None
 
 
-def _sampler_from_options(sampler_options):
-    """(sampler name, keyword arguments) from the given sampler options, by generate.py's rule."""
-    sampler_options = {key: value for key, value in sampler_options.items() if value is not None}
-    sampler_name = generate.choose_sampler(*(sampler_options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
-    if sampler_name != 'ablation':
-        sampler_options.pop('solver', None)
-    generate.check_sampler_options(sampler_name, sampler_options)
-    return sampler_name, sampler_options
-
-
 @click.group()
 def main():
     """Fréchet Inception Distance: reference statistics (`ref`) and FID against them (`calc`).
@@ -193,7 +183,7 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, max_batch_size, wo
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
     seeds = seeds if seeds is not None else list(range(num_images))
     if network_pkl is not None:
-        sampler_name, sampler_kwargs = _sampler_from_options(sampler_options)
+        sampler_name, sampler_kwargs = generate.sampler_from_options(sampler_options)
 
     device, detector_net = _init(device, detector)
     reference = _load_reference(ref_path)

@@ -60,6 +60,16 @@ def choose_sampler(solver, discretization, schedule, scaling):
 OPTION_NAMES = {'num_steps': 'steps', 'discretization': 'disc'}  # sampler keyword → command-line option
 
 
+def sampler_from_options(sampler_options):
+    """(sampler name, its keyword arguments) from the command-line sampler options; unset ones are left out."""
+    sampler_options = {key: value for key, value in sampler_options.items() if value is not None}
+    sampler_name = choose_sampler(*(sampler_options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
+    if sampler_name != 'ablation':
+        sampler_options.pop('solver', None)
+    check_sampler_options(sampler_name, sampler_options)
+    return sampler_name, sampler_options
+
+
 def check_sampler_options(sampler_name, options):
     """Every given option must be one the sampler takes, and the step count must be one it can run."""
     accepted = inspect.signature(sampling.SAMPLERS[sampler_name]).parameters
@@ -160,11 +170,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     """
     if outdir is None and grid_path is None:
         raise click.ClickException('nothing to write: give --outdir, --grid, or both')
-    sampler_options = {key: value for key, value in sampler_options.items() if value is not None}
-    sampler_name = choose_sampler(*(sampler_options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
-    if sampler_name != 'ablation':
-        sampler_options.pop('solver', None)
-    check_sampler_options(sampler_name, sampler_options)
+    sampler_name, sampler_options = sampler_from_options(sampler_options)
     try:
         device = distributed.init(device)
     except ValueError as error:
