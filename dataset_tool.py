@@ -76,7 +76,6 @@ class Source:
     labels_note: str    # Where the labels come from, shown to the user.
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Decoding and transforms.
 
 def decode_image(data_or_path, name):
@@ -144,7 +143,6 @@ def is_power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Sources.
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -333,7 +331,6 @@ def open_source(path):
     raise click.ClickException(f'--source: {path}: unknown source type; expected {SOURCE_TYPES_HINT}')
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Destination.
 
 def check_destination(dest):
@@ -375,7 +372,6 @@ def open_destination(dest):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Command line.
 
 def parse_resolution(ctx, param, value):

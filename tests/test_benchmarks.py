@@ -70,7 +70,6 @@ def convergence_study(tmp_path_factory, tiny_dataset, tiny_detector):
     return dict(stdout=stdout, outdir=outdir, study_dir=study_dir, study=study)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Speed benchmarks.
 
 
@@ -110,7 +109,6 @@ def test_fid_speed_prints_table_and_json(tmp_path, tiny_detector):
     assert 'images/s' in table_rows[1] and 'one FID' in table_rows[2]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Convergence study.
 
 
@@ -202,7 +200,6 @@ def test_checkpoints_that_collapse_onto_one_step_are_refused():
         convergence.checkpoint_nimgs(0.064, 3, 64)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Shared output helpers.
 
 

@@ -149,7 +149,6 @@ def test_pickled_dataset_reads_the_same_in_dataloader_workers(dataset_path, imag
     np.testing.assert_array_equal(torch.cat([b[1] for b in batches]).argmax(1).numpy(), LABELS)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Errors name the dataset or file.
 
 def test_missing_path(tmp_path):
@@ -225,7 +224,6 @@ def test_unsupported_image_mode_is_named(tmp_path):
         ImageFolderDataset(write_dataset(tmp_path / 'd.zip', [], labels=False, extra_files=extra))
 
 
-# ----------------------------------------------------------------------------------------------------------
 # The bundled real dataset.
 
 def test_bundled_fashion_mnist_subset():

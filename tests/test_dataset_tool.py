@@ -54,7 +54,6 @@ def save_png(path, array):
     PIL.Image.fromarray(array).save(path)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Sources made in the test, in the published file layouts.
 
 def write_cifar10_tar(path, images_per_batch=4, seed=0):
@@ -110,7 +109,6 @@ def write_class_folders(root, classes=('cat', 'dog', 'wild'), per_class=2, size=
     return images, labels
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Conversions.
 
 def test_cifar10_archive_converts_training_images_with_labels(tmp_path):
@@ -257,7 +255,6 @@ def test_skip_bad_skips_and_reports_unreadable_images(tmp_path):
     assert [label for _, label in read_zip_dataset(tmp_path / 'out.zip')[1]] == [0, 1, 1]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the file or option.
 
 def test_missing_source(tmp_path):

@@ -74,7 +74,7 @@ def batch1_subdirs_files(network_pickles, tmp_path_factory):
     return generate_files(network_pickles['cond'], tmp_path_factory.mktemp('batch1'), '--batch', 1, '--subdirs')
 
 
-# ---- Same files whatever the batching ----------------------------------------------------------------------
+# Same files whatever the batching.
 
 
 def test_one_png_per_seed_named_by_seed(batch3_files):
@@ -129,7 +129,7 @@ def test_gray_images_are_saved_as_single_channel_png(tmp_path):
     assert loaded.mode == 'L' and np.array_equal(np.asarray(loaded), image[:, :, 0])
 
 
-# ---- Option handling ---------------------------------------------------------------------------------------
+# Option handling.
 
 
 def test_seed_list_parses_ranges_and_drops_duplicates():
@@ -159,7 +159,7 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     assert sorted(seed for batches in per_rank for batch in batches for seed in batch.tolist()) == seeds
 
 
-# ---- Bad input: one line, no traceback ---------------------------------------------------------------------
+# Bad input: one line, no traceback.
 
 
 @pytest.mark.parametrize('args, message', [

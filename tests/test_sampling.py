@@ -61,7 +61,7 @@ def max_error_vs_exact(solver_id, num_steps):
     return (run_solver(net, solver_id, num_steps) - net.exact_sample(toy_latents())).abs().max().item()
 
 
-# ---- Published fixtures ------------------------------------------------------------------------------------
+# Published fixtures.
 
 
 @pytest.fixture(scope='module')
@@ -101,7 +101,7 @@ def test_every_published_run_is_tested(published_runs):
     assert len(published_runs) == len(RUN_IDS)
 
 
-# ---- Seed → RNG rule ---------------------------------------------------------------------------------------
+# Seed → RNG rule.
 
 
 def test_latent_of_a_seed_does_not_depend_on_its_batch():
@@ -166,7 +166,7 @@ def test_images_to_uint8_rounds_to_nearest_and_clips():
     assert sampling.images_to_uint8((levels - 127.5) / 127.5).tolist() == [0, 0, 127, 128, 128, 255, 255, 255]
 
 
-# ---- Schedules ---------------------------------------------------------------------------------------------
+# Schedules.
 
 
 def test_edm_sigmas_span_the_range_uniformly_in_sigma_to_the_one_over_rho():
@@ -208,7 +208,7 @@ def test_singlestep_orders_cover_every_step(num_solver_steps):
     assert orders[:-2] == [3] * len(orders[:-2]) and all(order in (1, 2, 3) for order in orders)
 
 
-# ---- Evaluation counts -------------------------------------------------------------------------------------
+# Evaluation counts.
 
 
 @pytest.mark.parametrize('solver_id, expected_nfe', [('edm', 2 * 7 - 1), ('euler', 7), ('dpm', 7), ('dpm2m', 7),
@@ -232,7 +232,7 @@ def test_too_few_steps_is_a_value_error(sampler_name, too_few_steps):
         sampling.SAMPLERS[sampler_name](GaussianToy(), toy_latents(2), num_steps=too_few_steps)
 
 
-# ---- Gaussian toy: distribution and convergence ------------------------------------------------------------
+# Gaussian toy: distribution and convergence.
 
 
 STEPS_FOR_ONE_PERCENT_VARIANCE = {'euler': 256, 've-heun': 256, 'iddpm-euler': 128}  # the slow ones; others 32
@@ -269,7 +269,7 @@ def test_heun_and_dpm_solver_converge_faster_than_euler():
     assert dpm > 2.5
 
 
-# ---- CUDA --------------------------------------------------------------------------------------------------
+# CUDA.
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-# ----------------------------------------------------------------------------------------------------------
 # The seed → RNG rule (SPEC.md §4): defined once, used by generate.py, fid.py and the tests.
 
 
@@ -69,7 +68,6 @@ def images_to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # σ schedules. Each returns the N noise levels σ_0 > … > σ_{N-1} of an N-step sampler (float64, no final 0).
 
 
@@ -129,7 +127,6 @@ def vp_betas_for_range(sigma_min, sigma_max, epsilon_s=1e-3):
     return beta_d, beta_min
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Samplers.
 
 
@@ -228,7 +225,7 @@ class _Scaling:
 
 
 ABLATION_DEFAULT_SIGMA_RANGES = {  # (σ_min, σ_max) per discretisation, before clamping to the net's range
-    'vp': (math.sqrt(math.expm1(0.5 * 19.9 * 1e-3 ** 2 + 0.1 * 1e-3)), math.sqrt(math.expm1(0.5 * 19.9 + 0.1))),
+    'vp': tuple(float(vp_sigma(torch.tensor(t, dtype=torch.float64))) for t in (1e-3, 1.0)),
     've': (0.02, 100),
     'iddpm': (0.002, 81),
     'edm': (0.002, 80),
