@@ -46,13 +46,9 @@ def _rank_batches(num_items, max_batch_size):
 
 def _feature_stats(detector, batches_of_images, num_batches, device, desc):
     """Accumulate detector features of uint8 image batches on this rank, then sum them over all ranks."""
-    stats = None
+    progress = tqdm.tqdm(batches_of_images, total=num_batches, desc=desc, unit='batch', disable=not dist.is_main())
     try:
-        for images in tqdm.tqdm(batches_of_images, total=num_batches, desc=desc, unit='batch', disable=not dist.is_main()):
-            features = detector(images.to(device))
-            if stats is None:
-                stats = metrics.FeatureStats(features.shape[1], device=device)
-            stats.append(features)
+        stats = metrics.feature_statistics(detector, progress, device)
     except dataset.DatasetError as e:  # from a DataLoader worker the message carries its traceback; keep the last line
         raise click.ClickException(str(e).strip().splitlines()[-1]) from None
     return stats.all_reduce()

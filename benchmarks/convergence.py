@@ -127,16 +127,6 @@ def train_segment(args):
         train.main.main(args, standalone_mode=False)
 
 
-def feature_statistics(detector, image_batches, device):
-    """Detector feature statistics of an iterable of uint8 image batches [N, C, H, W]."""
-    stats = None
-    for images in image_batches:
-        features = detector(images.to(device))
-        stats = stats or metrics.FeatureStats(features.shape[1], device=device)
-        stats.append(features)
-    return stats
-
-
 def reference_statistics(data_path, detector, batch, device, cache_path):
     """FID statistics of every image of the dataset, read from `cache_path` when it holds this detector's."""
     images = dataset.ImageFolderDataset(path=data_path)
@@ -145,7 +135,7 @@ def reference_statistics(data_path, detector, batch, device, cache_path):
         if cached['detector'] == detector.identity and cached['num_images'] == len(images):
             return cached, False
     loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=False)
-    stats = feature_statistics(detector, (batch_images for batch_images, _labels in loader), device)
+    stats = metrics.feature_statistics(detector, (batch_images for batch_images, _labels in loader), device)
     mu, sigma = stats.mean_cov()
     metrics.save_statistics(cache_path, mu, sigma, detector.identity, stats.num)
     return metrics.load_statistics(cache_path, cache_path), True
@@ -156,7 +146,7 @@ def network_fid(net, num_steps, num_images, batch, detector, reference, device):
     seeds = list(range(num_images))
     image_batches = (sampling.generate_images(net, seeds[start:start + batch], 'edm', dict(num_steps=num_steps), device)
                      for start in range(0, num_images, batch))
-    mu, sigma = feature_statistics(detector, image_batches, device).mean_cov()
+    mu, sigma = metrics.feature_statistics(detector, image_batches, device).mean_cov()
     return metrics.frechet_distance(mu, sigma, reference['mu'], reference['sigma'])
 
 

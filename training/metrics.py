@@ -249,6 +249,17 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
+def feature_statistics(detector, image_batches, device):
+    """This rank's FeatureStats of an iterable of uint8 image batches [N, C, H, W] (not reduced across ranks)."""
+    stats = None
+    for images in image_batches:
+        features = detector(images.to(device))
+        if stats is None:
+            stats = FeatureStats(features.shape[1], device=device)
+        stats.append(features)
+    return stats
+
+
 def save_statistics(path, mu, sigma, detector, num_images):
     """Write `mu`, `sigma`, the detector identity and the image count to an .npz atomically."""
     with dnnlib.util.atomic_write(path, 'wb') as f:
