@@ -4,10 +4,10 @@ A class decorated with `persistent_class` remembers its constructor arguments an
 `_reconstruct(module, class_name, init_args, init_kwargs, state, training)`: plain `pickle.load` rebuilds
 it from this repository's own classes, with no source code in the file.
 
-`load_network_pickle` reads such snapshots and the pickles published with FDM and EDM (SPEC §5) through an
-unpickler that only knows an explicit list of harmless callables, so that a file cannot run code. Published
-pickles embed the source of their classes (`module_src`); it is never executed: each class name is mapped
-onto this project's class of the same name and the parameters are restored by name.
+`load_network_pickle` reads such snapshots and the pickles published with FDM and EDM through an unpickler
+that only knows an explicit list of harmless callables, so that a file cannot run code. Published pickles
+embed the source of their classes (`module_src`); it is never executed: each class name is mapped onto this
+project's class of the same name and the parameters are restored by name (docs/compatibility.md#pickles).
 """
 
 import collections
@@ -186,8 +186,7 @@ def _build_published(record):
     init_args = state.get('_init_args', state.get('init_args', ()))
     init_kwargs = dict(state.get('_init_kwargs', state.get('init_kwargs', {})))
     if record.class_name == 'FDM_VEPrecond':
-        # The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (SPEC §1), so the
-        # weights in its pickles were trained for m = 1 whatever the stored arguments say.
+        # Published VE-FDM scaled with m = 1 whatever fdm_multiplier said (docs/compatibility.md#ve-fdm-multiplier).
         init_kwargs['fdm_multiplier'] = 1
     inner = (state.get('_modules') or {}).get('model')
     if 'model_type' not in init_kwargs and isinstance(inner, _Record):
@@ -344,7 +343,7 @@ def load_network_pickle(f_or_path):
     """Read a network pickle (path or open binary file) without running code from it.
 
     Returns its dict: 'ema' (the network) and whatever else it holds ('loss_fn', 'augment_pipe',
-    'dataset_kwargs'). Accepts this project's snapshots and published FDM/EDM pickles (SPEC §5).
+    'dataset_kwargs'). Accepts this project's snapshots and published FDM/EDM pickles (docs/design.md#snapshots).
     Raises UnsafePickleError when the file refers to anything else, ValueError when it is unreadable.
     """
     if isinstance(f_or_path, (str, os.PathLike)):

@@ -1,4 +1,4 @@
-"""Network architectures and preconditioners of EDM and FDM (SPEC §1–§2).
+"""Network architectures and preconditioners of EDM and FDM (docs/design.md#preconditioners, #networks).
 
 Parameter and buffer names match the published checkpoints exactly, so their state_dicts load by name.
 The FDM input scaling s(σ) is one piece (`FDMInputScaling`) composed with the VP, VE and EDM baselines.
@@ -41,7 +41,7 @@ def _choice(name, value, allowed):
 # Building blocks.
 
 def weight_init(shape, mode, fan_in, fan_out):
-    """Random tensor with the variance of the named initialisation rule (SPEC §2)."""
+    """Random tensor with the variance of the named initialisation rule (docs/design.md#initialisation)."""
     if mode == 'xavier_uniform':
         return np.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
     if mode == 'xavier_normal':
@@ -287,7 +287,7 @@ def drop_labels(class_labels, label_dropout, training):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    """DDPM++ and NCSN++ U-Net of Song et al., with the variants of SPEC §2."""
+    """DDPM++ and NCSN++ U-Net of Song et al., with the variants of docs/design.md#networks."""
 
     def __init__(self,
         img_resolution,                 # Image resolution (a power of two).
@@ -688,9 +688,9 @@ class EDMPrecond(Precond):
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
 def fdm_input_scale(sigma, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, multiplier=2.0):
-    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min) (SPEC §1).
+    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min).
 
-    This is the critically damped oscillation's solution: it replaces the baseline's c_in.
+    This is the critically damped oscillation's solution: it replaces the baseline's c_in (docs/design.md#fdm-kernel).
     """
     t = (sigma - sigma_min) / (sigma_max - sigma_min)
     beta = multiplier * (beta_min * t + 0.5 * beta_d * t ** 2)

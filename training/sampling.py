@@ -1,7 +1,7 @@
 """Samplers for the diffusion ODE/SDE, the σ schedules they step through, and the seed → RNG rule.
 
 Every sampler is one function `(net, latents, class_labels=None, randn_like=torch.randn_like, **options)
--> images` with no hidden state (SPEC.md §4): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
+-> images` with no hidden state (docs/design.md#samplers): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
 `latents` are unit Gaussian, `randn_like` is the noise source of stochastic steps. The state is kept in
 float64 so that step arithmetic does not lose precision at small σ; the network itself runs in its own
 precision. Schedules are separate functions returning float64 σ (or t) tensors.
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-# The seed → RNG rule (SPEC.md §4): defined once, used by generate.py, fid.py and the tests.
+# The seed → RNG rule (docs/design.md#seeds): defined once, used by generate.py, fid.py and the tests.
 
 
 class SeedGenerators:
@@ -105,7 +105,7 @@ def logsnr_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device='cpu'):
 
 
 def iddpm_levels(C_1=0.001, C_2=0.008, M=1000, device='cpu'):
-    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (SPEC.md §1), float64."""
+    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (docs/design.md#preconditioners), float64."""
     j = torch.arange(M + 1, dtype=torch.float64, device=device)
     alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
     alpha_ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()  # ᾱ(j−1)/ᾱ(j) for j = 1…M
@@ -185,7 +185,7 @@ def _churn_gammas(sigmas, num_steps, S_churn, S_min, S_max):
 
 
 class _NoiseSchedule:
-    """σ(t), dσ/dt and t(σ) of one of the ablation sampler's schedules (SPEC.md §4)."""
+    """σ(t), dσ/dt and t(σ) of one of the ablation sampler's schedules (docs/design.md#samplers)."""
 
     def __init__(self, name, vp_beta_d, vp_beta_min):
         if name not in ('vp', 've', 'linear'):
