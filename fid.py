@@ -10,8 +10,11 @@ import os
 
 import click
 
-# Before torch loads OpenMP: spin-waiting threads slow a shared CPU down several-fold (see train.py).
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
+
+# Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
+OPENMP_WAIT_POLICY = cpu_runtime.choose_openmp_wait_policy()
+cpu_runtime.keep_freed_memory()
 
 import torch  # noqa: E402
 import tqdm  # noqa: E402

@@ -154,14 +154,26 @@ class GroupNorm(torch.nn.Module):
 def attention(q, k, v):
     """Softmax attention over positions; q, k, v are [batch·heads, channels, positions].
 
-    The fused kernel keeps the maths of softmax(qᵀk/√c)·v; reduced-precision inputs are promoted to float32
-    so that the softmax is computed in float32 as the published networks do.
+    softmax(qᵀk/√c)·v with the softmax in float32, as the published networks compute it: reduced-precision
+    inputs are promoted. On CUDA the fused kernel; on CPUs two batched products, whose backward pass is ~20%
+    cheaper than the fused kernel's fallback there.
     """
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16) and q.device.type != 'cuda':
-        q, k, v = q.float(), k.float(), v.float()
-    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return a.transpose(1, 2).to(dtype)
+    if q.device.type == 'cuda':
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return a.transpose(1, 2).to(dtype)
+    q, k, v = q.float(), k.float(), v.float()
+    weights = torch.bmm(q.transpose(1, 2), k * (1 / math.sqrt(q.shape[1]))).softmax(dim=2)
+    return torch.bmm(v, weights.transpose(1, 2)).to(dtype)
+
+
+def dropout(x, p):
+    """Training-mode dropout. On CPUs the mask comes from 15-bit random integers, 3x cheaper than torch's
+    Bernoulli sampler there (which runs on one thread); p is then rounded to a multiple of 2⁻¹⁵."""
+    if x.device.type != 'cpu':
+        return F.dropout(x, p=p, training=True)
+    keep = torch.empty(x.shape, dtype=torch.int16).random_() >= round(p * 32768)  # uniform on [0, 2¹⁵)
+    return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 
 @persistence.persistent_class
@@ -224,7 +236,7 @@ class UNetBlock(torch.nn.Module):
             x = F.silu(self.norm1(x + params))
 
         if self.dropout and self.training:  # skip the no-op mask draw at p = 0 and in eval mode
-            x = F.dropout(x, p=self.dropout, training=True)
+            x = dropout(x, self.dropout)
         x = self.conv1(x)
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
 
@@ -546,7 +558,10 @@ class Precond(torch.nn.Module):
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        x_in = (c_in * x).to(dtype)
+        if x.device.type == 'cpu':  # oneDNN convolves channels-last tensors without reordering each layer's input
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
     def round_sigma(self, sigma):
