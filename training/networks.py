@@ -4,13 +4,12 @@ Parameter and buffer names match the published checkpoints exactly, so their sta
 The FDM input scaling s(σ) is one piece (`FDMInputScaling`) composed with the VP, VE and EDM baselines.
 """
 
-import math
-
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from torch_utils import persistence
+from training import schedules
 
 # Architecture presets used by train.py: keyword arguments of the inner network.
 ARCH_PRESETS = {
@@ -554,15 +553,13 @@ class Precond(torch.nn.Module):
 
 
 class VPSchedule:
-    """The VP noise schedule σ(t) and its inverse, evaluated in float32 as the published code does."""
+    """The VP noise schedule σ(t) and its inverse with this object's β_d, β_min, in float32 as published."""
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return schedules.vp_sigma(t, self.beta_d, self.beta_min, dtype=torch.float32)
 
     def sigma_inv(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        return schedules.vp_sigma_inv(sigma, self.beta_d, self.beta_min, dtype=torch.float32)
 
 
 @persistence.persistent_class
@@ -635,16 +632,10 @@ class iDDPMPrecond(Precond):
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        u = schedules.iddpm_levels(C_1, C_2, M, dtype=torch.float32)
         self.register_buffer('u', u)
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])
-
-    def alpha_bar(self, j):
-        j = torch.as_tensor(j)
-        return (0.5 * np.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
 
     def coefficients(self, sigma):
         c_in = 1 / (sigma ** 2 + 1).sqrt()
@@ -687,16 +678,6 @@ class EDMPrecond(Precond):
 
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
-def fdm_input_scale(sigma, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, multiplier=2.0):
-    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min) (SPEC §1).
-
-    This is the critically damped oscillation's solution: it replaces the baseline's c_in.
-    """
-    t = (sigma - sigma_min) / (sigma_max - sigma_min)
-    beta = multiplier * (beta_min * t + 0.5 * beta_d * t ** 2)
-    return torch.exp(-beta) * (1 + beta)
-
-
 class FDMInputScaling:
     """Mix-in that swaps the baseline's c_in for the FDM kernel; the baseline supplies σ_min, σ_max."""
 
@@ -707,7 +688,7 @@ class FDMInputScaling:
 
     def coefficients(self, sigma):
         c_skip, c_out, _, c_noise = super().coefficients(sigma)
-        c_in = fdm_input_scale(sigma, self.sigma_min, self.sigma_max, self.fdm_beta_d, self.fdm_beta_min, self.fdm_multiplier)
+        c_in = schedules.fdm_input_scale(sigma, self.sigma_min, self.sigma_max, self.fdm_beta_d, self.fdm_beta_min, self.fdm_multiplier)
         return c_skip, c_out, c_in, c_noise
 
 
