@@ -678,6 +678,10 @@ class EDMPrecond(Precond):
 
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
+# The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (SPEC §1): its weights and its
+# recipe are for m = 1.
+PUBLISHED_VE_FDM_MULTIPLIER = 1.0
+
 class FDMInputScaling:
     """Mix-in that swaps the baseline's c_in for the FDM kernel; the baseline supplies σ_min, σ_max."""
 
@@ -729,7 +733,7 @@ class FDM_VEPrecond(FDMInputScaling, VEPrecond):
         model_type     = 'SongUNet',    # Inner network class.
         fdm_beta_d     = 19.9,          # β_d of the FDM kernel.
         fdm_beta_min   = 0.1,           # β_min of the FDM kernel.
-        fdm_multiplier = 1.0,           # m of the FDM kernel.
+        fdm_multiplier = PUBLISHED_VE_FDM_MULTIPLIER, # m of the FDM kernel.
         **model_kwargs,                 # Passed to the inner network.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, sigma_min, sigma_max, model_type, **model_kwargs)
