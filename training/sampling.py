@@ -13,6 +13,7 @@ import math
 import torch
 
 from training import schedules
+from training.precision import PRECISIONS, default_sampling_precision
 
 # The seed → RNG rule (SPEC.md §4): defined once, used by generate.py, fid.py and the tests.
 
@@ -334,29 +335,15 @@ SAMPLERS = {
 MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1}  # the σ schedules need two points; 2M can just denoise
 
 
-# The network's arithmetic → (TF32 tensor cores allowed, autocast dtype); the sampler state stays float64.
-PRECISIONS = {
-    'fp32': (False, None),          # exact float32: an image is bit-identical whatever its batch (slow on GPUs)
-    'tf32': (True, None),           # CUDA default: float32 with TF32 convolutions and matmuls (~7x faster on an H200)
-    'fp16': (True, torch.float16),  # CUDA autocast
-    'bf16': (True, torch.bfloat16), # CUDA autocast
-}
-
-
-def default_precision(device):
-    """tf32 on CUDA (what PyTorch's convolutions do by default, as in the published code), fp32 elsewhere."""
-    return 'tf32' if torch.device(device).type == 'cuda' else 'fp32'
-
-
 @contextlib.contextmanager
 def network_precision(device, precision=None):
-    """Run the network in `precision` (PRECISIONS; None = default_precision) and restore torch's flags after.
+    """Run the network in `precision` (PRECISIONS; None = default_sampling_precision) and restore torch's flags after.
 
     Only fp32 makes CUDA results independent of the batch size: with TF32 or autocast the kernels chosen for a
     batch size can change the last bits (one uint8 level in a few percent of the pixels).
     """
     device = torch.device(device)
-    precision = precision or default_precision(device)
+    precision = precision or default_sampling_precision(device)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
     if device.type != 'cuda':
@@ -364,7 +351,7 @@ def network_precision(device, precision=None):
             raise ValueError(f'precision {precision} is for CUDA devices; use fp32 on {device.type}')
         yield
         return
-    allow_tf32, autocast_dtype = PRECISIONS[precision]
+    allow_tf32, autocast_dtype = PRECISIONS[precision].sample_tf32, PRECISIONS[precision].sample_autocast
     saved_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
