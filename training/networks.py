@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import dnnlib
 from torch_utils import persistence
 from training import schedules
 
@@ -510,7 +511,7 @@ INNER_NETWORKS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
 
 def _check_resolution(img_resolution):
-    if not (isinstance(img_resolution, int) and img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0):
+    if not (isinstance(img_resolution, int) and img_resolution >= 4 and dnnlib.util.is_power_of_two(img_resolution)):
         raise ValueError(f'img_resolution={img_resolution!r} is not a power of two >= 4')
 
 # Preconditioners: D(x) = c_skip·x + c_out·F(c_in·x, c_noise, labels).
