@@ -30,13 +30,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from benchmarks import common  # noqa: E402
 from torch_utils import distributed  # noqa: E402
-from training import checkpoints  # noqa: E402
 from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
 from training import launch  # noqa: E402
 from training import metrics  # noqa: E402
 from training import networks  # noqa: E402
 from training import sampling  # noqa: E402
+from training.checkpoints import load_network_pickle, snapshot_name  # noqa: E402
 
 DEFAULT_DATA = str(pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'fashion-mnist-32x32-5k.zip')
 
@@ -159,11 +159,11 @@ def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
             options['resume'] = run_dir
         with Stopwatch() as train_time:
             train_segment(options)
-        snapshot = os.path.join(run_dir, checkpoints.snapshot_name(nimg))
+        snapshot = os.path.join(run_dir, snapshot_name(nimg))
         if not os.path.isfile(snapshot):
             raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no '
                                        f'{os.path.basename(snapshot)}); see {os.path.join(run_dir, "log.txt")}')
-        net = checkpoints.load_network_pickle(snapshot)['ema'].to(device).eval()
+        net = load_network_pickle(snapshot)['ema'].to(device).eval()
         with Stopwatch() as eval_time:
             fid = network_fid(net, opts.steps, opts.num_fid, opts.eval_batch, detector, reference, device)
         checkpoints.append(dict(kimg=nimg / 1000, fid=fid, snapshot=snapshot,

@@ -209,9 +209,16 @@ class _EasyDict:
         raise UnsafePickleError('dnnlib.util.EasyDict cannot take pickled state')
 
 
+def _reconstruct_ours(module_name, class_name, *args):
+    """`persistence._reconstruct` limited to the modules whose classes snapshots hold (no other module is imported)."""
+    if module_name not in _PERSISTENT_MODULES:
+        raise UnsafePickleError(f'refusing to rebuild {module_name}.{class_name}: not a persistent class of {_PERSISTENT_MODULES}')
+    return persistence._reconstruct(module_name, class_name, *args)
+
+
 # Everything a network pickle may refer to, as (module, name) → what the unpickler gets instead.
 _ALLOWED_GLOBALS = {
-    ('torch_utils.persistence', '_reconstruct'): persistence._reconstruct,
+    ('torch_utils.persistence', '_reconstruct'): _reconstruct_ours,
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _published_record,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
