@@ -1,4 +1,4 @@
-"""Convert image collections into training datasets (SPEC §5).
+"""Convert image collections into training datasets (docs/design.md#datasets).
 
 The output is an uncompressed ZIP archive (or a folder) of PNG images named `{i // 1000:05d}/img{i:08d}.png`,
 plus `dataset.json` = {"labels": [[name, class], ...] or null}. All images are square, of one power-of-two

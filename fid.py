@@ -1,4 +1,5 @@
-"""Compute FID reference statistics of a dataset, or the FID of images against such statistics (SPEC §5).
+"""Compute FID reference statistics of a dataset, or the FID of images against such statistics
+(docs/design.md#fid-statistics).
 
 Runs in one process or under torchrun, where each rank takes a share of the images and the float64
 feature sums are added across ranks before the statistics are formed.

@@ -52,7 +52,7 @@ CONFIGS = {
 
 
 def write_synthetic_dataset(path, num_images, resolution, channels, num_classes, seed=0):
-    """A ZIP in the dataset layout of SPEC §5 holding random images (and random labels if classes > 0)."""
+    """A ZIP in the dataset layout of docs/design.md#datasets: random images, and random labels if classes > 0."""
     rng = np.random.default_rng(seed)
     labels = []
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as archive:

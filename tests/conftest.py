@@ -1,9 +1,11 @@
-"""Shared test fixtures: the reference directory and small, fast torch settings."""
+"""Shared test fixtures: the published-code reference fixtures (tests/fixtures), torchrun, small torch settings."""
 
+import math
 import os
 import pathlib
 import subprocess
 import sys
+import zlib
 
 # Idle OpenMP threads yield instead of spinning: the suite runs several processes (torchrun tests) on 2 cores.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
@@ -12,16 +14,46 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO_ROOT.parent / 'shared' / 'reference'
+REFERENCE_DIR = REPO_ROOT / 'tests' / 'fixtures'
+REFERENCE_FILES = ('networks-fdm.pt', 'networks-edm.pt', 'samplers-fdm.pt', 'samplers-edm.pt')
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope='session')
 def reference_dir():
-    """The fixtures produced by the published code; a missing directory is a test failure, not a skip."""
-    assert REFERENCE_DIR.is_dir(), f'reference fixtures not found at {REFERENCE_DIR}'
+    """The fixtures produced by the published code; a missing file is a test failure, not a skip."""
+    missing = [name for name in REFERENCE_FILES if not (REFERENCE_DIR / name).is_file()]
+    assert not missing, f'reference fixtures {missing} not found in {REFERENCE_DIR}'
     return REFERENCE_DIR
+
+
+def fill_rule_parameters(net, salt):
+    """Every parameter of `net` drawn by the fill rule of tests/fixtures/README.md, as {name: tensor}."""
+    state = {}
+    for name, param in net.named_parameters():
+        generator = torch.Generator().manual_seed(zlib.crc32(f'{salt}:{name}'.encode()))
+        z = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        if param.ndim >= 2:
+            state[name] = z / math.sqrt(max(param.numel() // param.shape[0], 1))
+        elif name.endswith('weight'):
+            state[name] = 1 + 0.1 * z
+        else:
+            state[name] = 0.1 * z
+    return state
+
+
+def build_reference_net(case):
+    """The network of a fixture case in eval mode: built from `ctor`, checked against the published keys and
+    shapes, its parameters filled by the rule and its buffers loaded as stored."""
+    from training import networks
+    ctor = dict(case['ctor'])
+    net = getattr(networks, ctor.pop('class_name'))(**ctor)
+    ours = [(key, tuple(value.shape)) for key, value in net.state_dict().items()]
+    published = [(key, tuple(shape)) for key, shape in case['keys']]
+    assert ours == published, (case.get('name', ctor), 'differing keys or shapes:', sorted(set(ours) ^ set(published))[:10])
+    net.load_state_dict({**fill_rule_parameters(net, case['salt']), **case['buffers']}, strict=True)
+    return net.eval()
 
 
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')

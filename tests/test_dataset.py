@@ -1,5 +1,5 @@
-"""training/dataset.py: ImageFolderDataset reads the SPEC §5 layout from a ZIP or a folder, with labels, xflip,
-max_size and cache, pickles into DataLoader workers, and names the file in every error."""
+"""training/dataset.py: ImageFolderDataset reads the dataset layout (docs/design.md#datasets) from a ZIP or a
+folder, with labels, xflip, max_size and cache, pickles into DataLoader workers, and names the file in every error."""
 
 import io
 import json
@@ -26,7 +26,7 @@ def png_bytes(array):
 
 
 def write_dataset(path, images, labels=None, extra_files=()):
-    """Write images ([H, W, C] uint8) in the SPEC §5 layout: a ZIP when `path` ends in .zip, else a folder."""
+    """Write images ([H, W, C] uint8) in the dataset layout: a ZIP when `path` ends in .zip, else a folder."""
     files = {f'{i // 1000:05d}/img{i:08d}.png': png_bytes(image[:, :, 0] if image.shape[2] == 1 else image)
              for i, image in enumerate(images)}
     names = list(files)

@@ -1,5 +1,5 @@
-"""dataset_tool.py: each source type converts to the SPEC §5 layout with exact pixels and labels, and each bad
-input stops with a one-line error."""
+"""dataset_tool.py: each source type converts to the dataset layout (docs/design.md#datasets) with exact pixels
+and labels, and each bad input stops with a one-line error."""
 
 import gzip
 import io

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import conftest
 from training import networks
 
 FIXTURE_FILES = ['networks-fdm.pt', 'networks-edm.pt']
@@ -14,11 +15,6 @@ SMALL_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 
 
 def load_cases(reference_dir):
     return [case for name in FIXTURE_FILES for case in torch.load(reference_dir / name, weights_only=True)]
-
-
-def build_from_ctor(ctor):
-    ctor = dict(ctor)
-    return getattr(networks, ctor.pop('class_name'))(**ctor)
 
 
 def relative_error(a, b):
@@ -33,13 +29,22 @@ def test_fixtures_cover_every_arch_and_preconditioner(reference_dir):
 
 def test_every_fixture_case_matches_published_output(reference_dir):
     for case in load_cases(reference_dir):
-        net = build_from_ctor(case['ctor']).eval()
-        net.load_state_dict(case['state_dict'], strict=True)
+        net = conftest.build_reference_net(case)
         with torch.no_grad():
             out = net(case['x'], case['sigma'], case['class_labels'], augment_labels=case['augment_labels'])
         assert relative_error(out, case['out']) < 1e-5, case['name']
         assert net.sigma_min == pytest.approx(case['sigma_min'], rel=1e-6, abs=0), case['name']
         assert net.sigma_max == pytest.approx(case['sigma_max'], rel=1e-6), case['name']
+
+
+def test_fixture_network_with_other_keys_or_shapes_is_refused(reference_dir):
+    case = load_cases(reference_dir)[0]
+    renamed = dict(case, keys=[[key.replace('map_label', 'map_class'), shape] for key, shape in case['keys']])
+    (first_key, first_shape), *rest = case['keys']
+    reshaped = dict(case, keys=[[first_key, [dim + 1 for dim in first_shape]], *rest])
+    for bad in (renamed, reshaped):
+        with pytest.raises(AssertionError, match='differing keys or shapes'):
+            conftest.build_reference_net(bad)
 
 
 def cifar10_ddpmpp():
@@ -57,7 +62,7 @@ def uniform_std(bound):
 
 
 def expected_weight_std(module, rule):
-    """Standard deviation of a fresh weight under the rule of SPEC §2, scaled as the network scales it."""
+    """Standard deviation of a fresh weight under the rule of its layer (docs/design.md#initialisation), scaled as the network scales it."""
     fan_in = module.weight[0].numel()
     fan_out = module.weight.shape[0] * module.weight[0, 0].numel() if module.weight.ndim == 4 else module.weight.shape[0]
     mode, scale = rule

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import conftest
 from training import networks, sampling
 
 SOLVERS = {  # test id → (sampler name, options)
@@ -70,10 +71,7 @@ def published_runs(reference_dir):
     result = []
     for file_name in ('samplers-fdm.pt', 'samplers-edm.pt'):
         fixture = torch.load(reference_dir / file_name, weights_only=True)
-        ctor = dict(fixture['ctor'])
-        net = getattr(networks, ctor.pop('class_name'))(**ctor)
-        net.load_state_dict(fixture['state_dict'], strict=True)
-        net.eval()
+        net = conftest.build_reference_net(fixture)
         result += [(file_name, net, fixture['seeds'], run) for run in fixture['runs']]
     return result
 

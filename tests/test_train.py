@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import train
 from training import launch
 
-# SPEC §7: the nine published training recipes (options after --outdir/--data).
+# The nine published training recipes of the README (options after --outdir/--data).
 RECIPES = {
     'cifar10-edm-fdm':  '--cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200',
     'cifar10-vp-fdm':   '--cond=1 --arch=ddpmpp --cres=1,2,2,2 --precond=fdm_vp --warmup_ite=400',
@@ -46,7 +46,7 @@ EXPECTED = {
 
 
 def write_dataset(path, num_images=8, resolution=16, num_classes=3, seed=0, same_image=False):
-    """A dataset ZIP in the SPEC §5 layout of random RGB images (or one smooth image repeated); labels if classes > 0."""
+    """A dataset ZIP of random RGB images (or one smooth image repeated); labels if classes > 0."""
     rng = np.random.default_rng(seed)
     smooth = np.linspace(0, 255, resolution * resolution * 3).reshape(resolution, resolution, 3).astype(np.uint8)
     labels = []

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from torch_utils import persistence
 
-# Low-pass filter of Daubechies' symlet 6 (orthonormal: taps sum to √2, squares to 1); SPEC §3.
+# Low-pass filter of Daubechies' symlet 6 (orthonormal: taps sum to √2, squares to 1); docs/design.md#augmentation.
 SYM6 = (
     0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
     0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,

@@ -1,13 +1,13 @@
 """Everything about files: network pickles (ours and the published FDM/EDM ones) and training states.
 
-`load_network_pickle` reads our snapshots and the pickles published with FDM and EDM (SPEC §5) through an
-unpickler that only knows an explicit list of harmless callables, so that a file cannot run code. Published
-pickles embed the source of their classes (`module_src`); it is never executed: each class name is mapped
-onto this project's class of the same name and the parameters are restored by name.
+`load_network_pickle` reads our snapshots and the pickles published with FDM and EDM through an unpickler
+that only knows an explicit list of harmless callables, so that a file cannot run code. Published pickles
+embed the source of their classes (`module_src`); it is never executed: each class name is mapped onto this
+project's class of the same name and the parameters are restored by name (docs/compatibility.md#pickles).
 
 A training state (`training-state-*.pt`) holds the network, EMA, optimizer, loss (warm-up step), augment
 pipe, counters and every RNG as tensors and numbers: `torch.load(weights_only=True)` reads it, and a resumed
-run continues bit for bit.
+run continues bit for bit (docs/design.md#training-states).
 """
 
 import collections
@@ -267,7 +267,7 @@ def load_network_pickle(f_or_path):
     """Read a network pickle (path or open binary file) without running code from it.
 
     Returns its dict: 'ema' (the network) and whatever else it holds ('loss_fn', 'augment_pipe',
-    'dataset_kwargs'). Accepts this project's snapshots and published FDM/EDM pickles (SPEC §5).
+    'dataset_kwargs'). Accepts this project's snapshots and published FDM/EDM pickles (docs/design.md#snapshots).
     Raises UnsafePickleError when the file refers to anything else, ValueError when it is unreadable.
     """
     if isinstance(f_or_path, (str, os.PathLike)):

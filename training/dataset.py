@@ -1,5 +1,5 @@
-"""Training images from a dataset in the dataset_tool.py layout (SPEC §5): a ZIP archive or a folder of PNGs
-with an optional dataset.json of integer class labels, read as uint8 CHW arrays."""
+"""Training images from a dataset in the dataset_tool.py layout (docs/design.md#datasets): a ZIP archive or a
+folder of PNGs with an optional dataset.json of integer class labels, read as uint8 CHW arrays."""
 
 import io
 import json

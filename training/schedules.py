@@ -11,7 +11,7 @@ import torch
 
 
 def vp_sigma(t, beta_d=19.9, beta_min=0.1, dtype=torch.float64):
-    """σ(t) = √(exp(½β_d·t² + β_min·t) − 1) of the VP SDE (SPEC §1).
+    """σ(t) = √(exp(½β_d·t² + β_min·t) − 1) of the VP SDE (docs/design.md#preconditioners).
 
     float64 uses expm1 (accurate at small t); float32 computes exp(·) − 1 as the published networks do.
     """
@@ -38,7 +38,7 @@ def vp_betas_for_range(sigma_min, sigma_max, epsilon_s=1e-3):
 
 
 def iddpm_levels(C_1=0.001, C_2=0.008, M=1000, dtype=torch.float64, device='cpu'):
-    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (SPEC §1).
+    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (docs/design.md#preconditioners).
 
     float32 repeats the published network's recursion (its `u` buffer); float64 is what the samplers step on.
     """
@@ -57,9 +57,10 @@ def iddpm_levels(C_1=0.001, C_2=0.008, M=1000, dtype=torch.float64, device='cpu'
 
 
 def fdm_input_scale(sigma, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, multiplier=2.0):
-    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min) (SPEC §1).
+    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min).
 
-    This is the critically damped oscillation's solution: FDM's networks use it in place of the baseline's c_in.
+    This is the critically damped oscillation's solution: FDM's networks use it in place of the baseline's c_in
+    (docs/design.md#fdm-kernel).
     """
     t = (sigma - sigma_min) / (sigma_max - sigma_min)
     beta = multiplier * (beta_min * t + 0.5 * beta_d * t ** 2)
