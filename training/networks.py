@@ -4,6 +4,8 @@ Parameter and buffer names match the published checkpoints exactly, so their sta
 The FDM input scaling s(σ) is one piece (`FDMInputScaling`) composed with the VP, VE and EDM baselines.
 """
 
+import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F
