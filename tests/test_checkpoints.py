@@ -21,6 +21,8 @@ SMALL_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 
 
 def small_net(class_name='EDMPrecond', arch=SMALL_SONG, **kwargs):
     """A small conditional network in eval mode with every weight perturbed, so that every path shows in the output."""
+    if class_name.startswith('FDM_'):
+        kwargs.setdefault('fdm_multiplier', 2.0)  # explicit, as published train.py always passes it
     torch.manual_seed(0)
     net = getattr(networks, class_name)(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, **arch, **kwargs)
     generator = torch.Generator().manual_seed(1)
@@ -224,6 +226,15 @@ def test_published_ve_fdm_loads_with_multiplier_one(tmp_path):
     ema = checkpoints.load_network_pickle(path)['ema']
     assert ema.fdm_multiplier == 1
     net.fdm_multiplier = 1.0  # what the published VE-FDM code computed with these weights
+    assert torch.equal(net_output(ema), net_output(net))
+
+
+@pytest.mark.parametrize('class_name', ['FDM_EDMPrecond', 'FDM_VPPrecond'])
+def test_published_fdm_pickle_without_multiplier_uses_the_published_default(tmp_path, class_name):
+    net = small_net(class_name, fdm_multiplier=1.0)  # upstream's default m; ours is 2
+    path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker', drop_kwargs=('fdm_multiplier',))
+    ema = checkpoints.load_network_pickle(path)['ema']
+    assert ema.fdm_multiplier == 1
     assert torch.equal(net_output(ema), net_output(net))
 
 

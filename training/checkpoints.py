@@ -105,6 +105,8 @@ def _build_published(record):
     init_kwargs = dict(state.get('_init_kwargs', state.get('init_kwargs', {})))
     if cls is networks.FDM_VEPrecond:  # its published weights were trained for m = 1 whatever the arguments say
         init_kwargs['fdm_multiplier'] = networks.PUBLISHED_VE_FDM_MULTIPLIER
+    elif issubclass(cls, networks.FDMInputScaling) and 'fdm_multiplier' not in init_kwargs:
+        init_kwargs['fdm_multiplier'] = networks.PUBLISHED_FDM_MULTIPLIER_DEFAULT  # upstream's default, not ours
     inner = (state.get('_modules') or {}).get('model')
     if 'model_type' not in init_kwargs and isinstance(inner, _Record):
         init_kwargs['model_type'] = inner.class_name  # upstream defaults differ from ours; the pickle says which

@@ -699,6 +699,7 @@ class EDMPrecond(Precond):
 # The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (docs/compatibility.md#ve-fdm-multiplier): its weights and its
 # recipe are for m = 1.
 PUBLISHED_VE_FDM_MULTIPLIER = 1.0
+PUBLISHED_FDM_MULTIPLIER_DEFAULT = 1.0  # the published classes' default m; their train.py always passed m explicitly
 
 class FDMInputScaling:
     """Mix-in that swaps the baseline's c_in for the FDM kernel; the baseline supplies σ_min, σ_max."""
