@@ -7,17 +7,13 @@ step (tick 0), then `--steps` timed steps (tick 1), and reads the timing from th
     python benchmarks/train_speed.py --config=small --steps=3
 """
 
-import io
 import json
 import os
 import pathlib
 import sys
 import tempfile
-import zipfile
 
 import click
-import numpy as np
-import PIL.Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
@@ -30,6 +26,7 @@ import torch  # noqa: E402
 
 import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from torch_utils import distributed  # noqa: E402
+from benchmarks import common  # noqa: E402
 from training import launch  # noqa: E402
 from training.precision import TRAINING_PRECISIONS  # noqa: E402
 
@@ -54,21 +51,6 @@ CONFIGS = {
 }
 
 
-def write_synthetic_dataset(path, num_images, resolution, channels, num_classes, seed=0):
-    """A ZIP in the dataset layout of docs/design.md#datasets: random images, and random labels if classes > 0."""
-    rng = np.random.default_rng(seed)
-    labels = []
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as archive:
-        for index in range(num_images):
-            pixels = rng.integers(0, 256, size=[resolution, resolution, channels], dtype=np.uint8)
-            buffer = io.BytesIO()
-            PIL.Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format='png')
-            name = f'{index // 1000:05d}/img{index:08d}.png'
-            archive.writestr(name, buffer.getvalue())
-            labels.append([name, int(rng.integers(num_classes))] if num_classes else None)
-        archive.writestr('dataset.json', json.dumps({'labels': labels if num_classes else None}))
-
-
 def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, compile, workers):
     """Train for 1 + `steps` steps and return the timed tick's statistics."""
     config = CONFIGS[config_name]
@@ -76,7 +58,7 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
     batch_gpu = batch_gpu or config['batch_gpu'][device_type]
     with tempfile.TemporaryDirectory(prefix='train_speed_') as tmp:
         data = os.path.join(tmp, 'dataset.zip')
-        write_synthetic_dataset(data, max(2 * batch, 64), config['resolution'], config['channels'], config['num_classes'])
+        common.write_synthetic_dataset(data, max(2 * batch, 64), config['resolution'], config['channels'], config['num_classes'])
         options = dict(config['options'], outdir=f'{tmp}/run', nosubdir=True, data=data, device=device_type, seed=0,
                        batch=batch, duration=(1 + steps) * batch / 1e6, tick=steps * batch / 1000, snap=0, dump=0,
                        workers=workers, precision=precision, compile=compile)
