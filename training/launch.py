@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import traceback
 
 import click
 import torch
@@ -229,6 +230,10 @@ def run(opts):
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
     except checkpoints.TrainingStateError as err:
+        raise click.ClickException(str(err))
+    except training_loop.TrainingError as err:
+        if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report
+            logger.file.write(''.join(traceback.format_exception(err.__cause__ or err)))
         raise click.ClickException(str(err))
     finally:
         if logger is not None:
