@@ -21,6 +21,7 @@ from training import augment
 from training import checkpoints
 from training import networks
 from training import recipes
+from training import run_dir as run_dirs
 from training import training_loop
 from training.precision import PRECISIONS
 
@@ -209,23 +210,26 @@ def run(opts):
         distributed.print0('Dry run; exiting.')
         return
 
-    run_dir = None
-    if distributed.is_main():
+    run_dir = lock = None
+    if distributed.is_main():  # only rank 0 creates, owns and writes the run directory
         try:
             run_dir = make_run_dir(opts.outdir, desc, opts.nosubdir)
-        except OSError as err:
+            lock = run_dirs.claim(run_dir, resume_state=c.resume_state)
+        except (OSError, run_dirs.RunDirError) as err:
             run_dir = err
     run_dir = _broadcast_from_rank0(run_dir)
+    if isinstance(run_dir, run_dirs.RunDirError):
+        raise click.ClickException(str(run_dir))
     if isinstance(run_dir, OSError):
         raise click.ClickException(f'--outdir={opts.outdir}: {run_dir}')
     c.run_dir = run_dir
 
     logger = None
-    if distributed.is_main():
-        with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     try:
+        if distributed.is_main():
+            with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+                json.dump(c, f, indent=2)
+            logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
@@ -238,6 +242,8 @@ def run(opts):
     finally:
         if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.release()
 
 
 def _print_summary(c, opts, dataset, world_size, resume_changes):
