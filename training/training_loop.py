@@ -308,7 +308,7 @@ def training_loop(
             distributed.print0(f'Warning: the processes hold different parameters: {digests}')
         if distributed.is_main():
             checkpoints.save_training_state(
-                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg)), net, ema, optimizer, loss_fn,
+                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg, kimg_per_tick)), net, ema, optimizer, loss_fn,
                 augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
                 world_size, digests, options)
 
@@ -366,7 +366,7 @@ def training_loop(
             if run_dir is not None:
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
                     phase = 'snapshot'
-                    _save_snapshot(run_dir, counters.cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs, world_size)
+                    _save_snapshot(run_dir, counters.cur_nimg, kimg_per_tick, ema, loss_fn, augment_pipe, dataset_kwargs, world_size)
                     phase = 'step'
                 if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
                                             and ended_tick != 0):
@@ -454,7 +454,7 @@ class _EMAUpdate:
                 torch._foreach_copy_(self.ema_buffers, self.net_buffers)
 
 
-def _save_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
+def _save_snapshot(run_dir, cur_nimg, kimg_per_tick, ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
@@ -463,7 +463,7 @@ def _save_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs
                 misc.check_ddp_consistency(value)
             data[key] = value.cpu()
     if distributed.is_main():
-        checkpoints.save_network_pickle(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg)), data)
+        checkpoints.save_network_pickle(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), data)
 
 
 class _TickTimer:
