@@ -127,6 +127,8 @@ def _init(device, detector, precision=None):
 @_common_options
 def ref(data_path, dest_path, num_images, seed, max_batch_size, workers, detector, device):
     """Write the feature statistics of every image of a dataset (or of a seeded subset, --num)."""
+    if os.path.isdir(dest_path):
+        raise click.BadParameter(f'{dest_path} is a folder; give the .npz file to write', param_hint='--dest')
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
     stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data')

@@ -78,6 +78,9 @@ def build_config(opts, world_size):
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
+        if not opts.cres or min(opts.cres) < 1:
+            raise click.BadParameter(f'{",".join(map(str, opts.cres)) or "an empty list"}: channel multipliers are '
+                                     f'positive integers, one per resolution, e.g. 1,2,2', param_hint='--cres')
         c.network_kwargs.channel_mult = opts.cres
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
     c.loss_kwargs = dnnlib.EasyDict(class_name=recipe.loss)
