@@ -226,3 +226,16 @@ def test_cuda_training_runs_and_resumes(tmp_path, data, precision):
     assert state['cur_step'] == STEPS and state['rng_states'][0]['torch_cuda'] is not None
     assert all(torch.isfinite(tensor).all() for tensor in state['net'].values())
     assert 'gpumem' in (tmp_path / 'full' / 'log.txt').read_text()
+
+
+def test_resume_reports_every_option_that_differs_from_the_state(runs, data, tmp_path):
+    same = run_in_process(tiny_options(data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n'))
+    assert 'Changed since the state' not in same.output
+    other_data = tmp_path / 'other.zip'
+    other_data.write_bytes(pathlib.Path(data).read_bytes())
+    changed = run_in_process(tiny_options(other_data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n',
+                                          '--lr=0.1', '--ema=0.5', '--dropout=0.2'))
+    report = changed.output[changed.output.index('Changed since the state'):]
+    for line in (f'dataset_kwargs.path: "{data}" → "{other_data}"', 'optimizer_kwargs.lr: 0.002 → 0.1',
+                 'ema_halflife_kimg: 0.02 → 500.0', 'network_kwargs.dropout: 0.1 → 0.2'):
+        assert line in report, report

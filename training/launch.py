@@ -140,9 +140,27 @@ def read_resume(c, resume):
         raise click.ClickException(f'--resume: {err}')
     if c.seed is None:
         c.seed = state['options']['seed']
-    changed = sorted(key for key in ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'batch_size', 'seed')
-                     if json.dumps(state['options'].get(key), sort_keys=True) != json.dumps(c[key], sort_keys=True))
-    return state, changed
+    return state, changed_options(state['options'], c)
+
+
+# Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
+_RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
+                        'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device')
+
+
+def changed_options(state_options, c):
+    """'name: old → new' for every option of `c` that differs from the state's, nested ones by their dotted path."""
+    def flatten(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f'{prefix}.{key}').items()}
+        return {prefix: json.dumps(value, sort_keys=True, default=str)}
+    old, new = {}, {}
+    for key in c:
+        if key not in _RESUME_FREE_OPTIONS:
+            old.update(flatten(state_options.get(key), key))
+            new.update(flatten(c[key], key))
+    return [f'{key}: {old.get(key, "unset")} → {new.get(key, "unset")}' for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
 
 
 def read_transfer(path, net):
@@ -270,7 +288,9 @@ def _print_summary(c, opts, dataset, world_size, resume_changes):
     if c.resume_state is not None:
         distributed.print0(f'Resuming from:           {c.resume_state}')
         if resume_changes:
-            distributed.print0(f'Changed since the state: {", ".join(resume_changes)} (the run will not repeat exactly)')
+            distributed.print0('Changed since the state (the run will not repeat exactly):')
+            for change in resume_changes:
+                distributed.print0(f'    {change}')
     distributed.print0()
 
 
