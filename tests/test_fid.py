@@ -21,6 +21,7 @@ import dnnlib.util
 import fid
 import generate
 from training import dataset
+from training import feature_metrics
 from training import networks
 from conftest import run_torchrun
 
@@ -123,6 +124,63 @@ def test_ref_writes_statistics_of_every_image(setup):
         np.testing.assert_allclose(data['sigma'], np.cov(features, rowvar=False), rtol=1e-8, atol=1e-8)
         assert int(data['num_images']) == 60
         assert str(data['detector']).startswith('pooled.pt sha256:')
+
+
+@pytest.fixture(scope='module')
+def features_ref(setup):
+    """Statistics with float32 features of the reference folder, from `fid.py ref --features`."""
+    path = setup['folder'] / 'refs' / 'with-features.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', path, '--features', '--detector', setup['detector'],
+                     '--batch', 16, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def dataset_features(path):
+    """Features of a dataset's images in its item order."""
+    images = dataset.ImageFolderDataset(str(path))
+    return direct_features(np.stack([images[i][0] for i in range(len(images))]))
+
+
+def test_ref_features_stores_the_feature_matrix_in_item_order(setup, features_ref):
+    with np.load(features_ref) as data:
+        assert data['features'].dtype == np.float32
+        np.testing.assert_allclose(data['features'], dataset_features(setup['reference_dir']), rtol=1e-6)
+
+
+def test_ref_features_float16(setup, tmp_path):
+    dest = tmp_path / 'half.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', dest, '--features', 'float16', '--num', 10,
+                     '--detector', setup['detector'], '--workers', 0)
+    assert result.exit_code == 0, result.output
+    with np.load(dest) as data:
+        assert data['features'].dtype == np.float16 and data['features'].shape == (10, 48)
+
+
+def test_calc_metrics_print_fid_kid_precision_recall_of_the_features(setup, features_ref):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', features_ref, '--num', 50, '--detector', setup['detector'],
+                     '--metrics', 'fid,kid,pr')
+    assert result.exit_code == 0, result.output
+    values = dict(line.split(' ', 1) for line in result.stdout.strip().splitlines()[-5:])
+    real = dataset_features(setup['reference_dir']).astype(np.float32)
+    fake = dataset_features(setup['other_zip'])
+    assert float(values['fid']) == pytest.approx(scipy_fid(fake, direct_features(setup['reference_images'])), rel=1e-5)
+    kid, standard_error = feature_metrics.kernel_inception_distance(real, fake)
+    assert [float(v) for v in values['kid'].split()] == pytest.approx([kid, standard_error], rel=1e-5)
+    precision, recall = feature_metrics.precision_recall(real, fake)
+    assert (float(values['precision']), float(values['recall'])) == pytest.approx((precision, recall))
+
+
+def test_calc_kid_without_reference_features_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', setup['detector'],
+                     '--metrics', 'fid,pr')
+    assert_one_line_error(result, '--metrics')
+    assert 'fid.py ref --features' in result.output
+
+
+def test_unknown_metric_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--metrics', 'fid,is')
+    assert_one_line_error(result, '--metrics')
 
 
 def test_calc_of_the_reference_images_is_zero(setup):

@@ -7,7 +7,11 @@ Pure functions of float feature matrices [N, D]. Pairwise distances are computed
 import numpy as np
 import torch
 
+from training import metrics
+
 KID_SCALE = 1e3  # KID is usually reported ×10³
+METRICS = ('fid', 'kid', 'pr')  # what `fid.py calc --metrics` can compute
+NEEDS_FEATURES = ('kid', 'pr')  # metrics that need the reference's feature matrix, not only μ and Σ
 
 
 def _as_float64(features, device):
@@ -91,3 +95,22 @@ def precision_recall(real, fake, k=3, block_size=5000, device='cpu'):
     precision = fraction_in_balls(fake, real, knn_radii(real, k, block_size, device), block_size, device)
     recall = fraction_in_balls(real, fake, knn_radii(fake, k, block_size, device), block_size, device)
     return precision, recall
+
+
+def evaluate(names, stats, reference, device='cpu'):
+    """{metric: value} of FeatureStats `stats` against a loaded reference (metrics.load_statistics) for each of
+    `names` (METRICS): 'fid' → FID, 'kid' → (KID, standard error) ×10³, 'pr' → (precision, recall)."""
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f'unknown metric {unknown[0]!r}; expected some of {list(METRICS)}')
+    if any(name in NEEDS_FEATURES for name in names) and reference.get('features') is None:
+        raise ValueError('the reference holds no features')
+    results = {}
+    for name in names:
+        if name == 'fid':
+            results[name] = metrics.frechet_distance(*stats.mean_cov(), reference['mu'], reference['sigma'])
+        elif name == 'kid':
+            results[name] = kernel_inception_distance(reference['features'], stats.features())
+        else:
+            results[name] = precision_recall(reference['features'], stats.features(), device=device)
+    return results
