@@ -139,10 +139,6 @@ def encode_png(image, compress_level):
     return buffer.getvalue()
 
 
-def is_power_of_two(n):
-    return n > 0 and n & (n - 1) == 0
-
-
 # Sources.
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -400,7 +396,7 @@ def check_target(resolution, transform):
     elif width != height:
         raise click.BadParameter(f'{width}x{height} is not square; dataset images must be square '
                                  f'(center-crop-wide pads a WxH band to WxW)', param_hint='--resolution')
-    if not is_power_of_two(width):
+    if not dnnlib.util.is_power_of_two(width):
         raise click.BadParameter(f'{width}x{height}: the output size must be a power of two',
                                  param_hint='--resolution')
 
@@ -411,7 +407,7 @@ def check_image(name, image, reference_shape):
         if width != height:
             raise click.ClickException(f'{name}: image is {width}x{height}; dataset images must be square: pass '
                                        f'--resolution=WxH, with --transform=center-crop to keep the aspect ratio')
-        if not is_power_of_two(width):
+        if not dnnlib.util.is_power_of_two(width):
             size = 1 << (width - 1).bit_length()
             raise click.ClickException(f'{name}: image is {width}x{height}; the size must be a power of two: pass '
                                        f'e.g. --resolution={size}x{size}')

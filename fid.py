@@ -5,7 +5,6 @@ Runs in one process or under torchrun, where each rank takes a share of the imag
 feature sums are added across ranks before the statistics are formed.
 """
 
-import copy
 import os
 
 import click
@@ -13,30 +12,19 @@ import click
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
 
 # Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-OPENMP_WAIT_POLICY = cpu_runtime.choose_openmp_wait_policy()
+cpu_runtime.choose_openmp_wait_policy()
 cpu_runtime.keep_freed_memory()
 
 import torch  # noqa: E402
 import tqdm  # noqa: E402
 
 import dnnlib.util  # noqa: E402
-import generate  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
+from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
 from training import feature_metrics  # noqa: E402
 from training import metrics  # noqa: E402
 from training import sampling  # noqa: E402
-
-
-def _rank0_first(fn):
-    """Run `fn` on rank 0 first (it fills download caches), then on the others; rank 0 releases them even on failure."""
-    if not dist.is_main():
-        dist.barrier()
-    try:
-        return fn()
-    finally:
-        if dist.is_main():
-            dist.barrier()
 
 
 def _rank_batches(num_items, max_batch_size):
@@ -44,9 +32,8 @@ def _rank_batches(num_items, max_batch_size):
     world_size = dist.get_world_size()
     if num_items < world_size:
         raise click.UsageError(f'{num_items} images cannot be shared by {world_size} processes')
-    num_batches = ((num_items - 1) // (max_batch_size * world_size) + 1) * world_size
-    batches = torch.arange(num_items).tensor_split(num_batches)[dist.get_rank()::world_size]
-    return [batch for batch in batches if len(batch)]
+    batches, _ = cli.split_seeds(range(num_items), max_batch_size, dist.get_rank(), world_size)
+    return [batch.tolist() for batch in batches if len(batch)]
 
 
 def _feature_stats(detector, batches_of_images, num_batches, device, desc, keep_features):
@@ -79,7 +66,7 @@ def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, de
 def _network_stats(detector, network_pkl, seeds, class_idx, precision, sampler_name, sampler_kwargs, max_batch_size, device,
                    keep_features=False):
     """Feature statistics of the images generate.py would write for `seeds`, without the PNG round trip."""
-    net = _rank0_first(lambda: generate.load_network(network_pkl, device))
+    net = cli.rank0_first(lambda: cli.load_network(network_pkl, device))
     dist.print0(f'Generating {len(seeds)} images from {network_pkl} with the {sampler_name} sampler {sampler_kwargs}')
     batches = _rank_batches(len(seeds), max_batch_size)
     def images():
@@ -97,7 +84,7 @@ def _load_reference(ref_path):
         with dnnlib.util.open_url(ref_path, verbose=dist.is_main()) as f:
             return metrics.load_statistics(f, ref_path)
     try:
-        return _rank0_first(load)
+        return cli.rank0_first(load)
     except FileNotFoundError:
         raise click.BadParameter(f'{ref_path}: file not found', param_hint='--ref') from None
     except (OSError, metrics.StatisticsError) as e:
@@ -127,17 +114,14 @@ def _common_options(fn):
                         metavar='nvidia|offline|PATH', type=str, default='nvidia', show_default=True)(fn)
 
 
-def _init(device, detector):
-    """Join the process group and load the detector on every rank."""
+def _init(device, detector, precision=None):
+    """Join the process group, check the precision and load the detector on every rank."""
+    device, precision = cli.init_device(device, precision)
     try:
-        device = dist.init(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint='--device') from None
-    try:
-        detector_net = _rank0_first(lambda: metrics.load_detector(detector, device=device, verbose=dist.is_main()))
+        detector_net = cli.rank0_first(lambda: metrics.load_detector(detector, device=device, verbose=dist.is_main()))
     except metrics.DetectorError as e:
         raise click.BadParameter(str(e), param_hint='--detector') from None
-    return device, detector_net
+    return device, precision, detector_net
 
 
 @main.command()
@@ -154,7 +138,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     With --features the file also holds the feature matrix of the same images, which `calc --metrics=kid,pr`
     needs; bound its size with --num.
     """
-    device, detector_net = _init(device, detector)
+    device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
     stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
                            keep_features=features_dtype is not None)
@@ -181,7 +165,8 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
 @click.option('--metrics', 'metric_list', help='Comma-separated: fid, kid (x1e3, ± standard error), pr (precision, recall)', metavar='LIST',
               type=str, default='fid', show_default=True)
 @_common_options
-@click.option('--seeds',                 help='--network: seeds of the images [default: 0 to num-1]', metavar='LIST', type=generate.SeedList())
+@click.option('--seeds',                 help='--network: seeds of the images [default: 0 to num-1]', metavar='LIST', type=cli.SeedList())
+@cli.sampler_options
 def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_batch_size, workers, detector, device, seeds,
          class_idx, precision, **sampler_options):
     """FID (and KID, precision/recall) of images (a folder, a ZIP, or generated on the fly) against a reference.
@@ -204,9 +189,9 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
     seeds = seeds if seeds is not None else list(range(num_images))
     if network_pkl is not None:
-        sampler_name, sampler_kwargs = generate.sampler_from_options(sampler_options)
+        sampler_name, sampler_kwargs = cli.sampler_from_options(sampler_options)
 
-    device, detector_net = _init(device, detector)
+    device, precision, detector_net = _init(device, detector, precision)
     reference = _load_reference(ref_path)
     try:
         metrics.check_same_detector(reference['detector'], detector_net, ref_path)
@@ -254,12 +239,6 @@ def format_results(results):
         else:
             lines += [f'precision {value[0]:g}', f'recall {value[1]:g}']
     return '\n'.join(lines)
-
-
-# generate.py's sampler options, shared so that `calc --network` takes exactly what generate.py takes.
-GENERATE_OPTIONS = ('class_idx', 'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise',
-                    'solver', 'discretization', 'schedule', 'scaling', 'precision')
-calc.params.extend(copy.copy(param) for param in generate.main.params if param.name in GENERATE_OPTIONS)
 
 
 if __name__ == '__main__':

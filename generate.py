@@ -4,17 +4,15 @@ Under `torchrun` each rank samples its share of the seeds; every image depends o
 (training/sampling.py), so the files are the same whatever the batch size or the number of processes.
 """
 
-import inspect
 import math
 import os
-import re
 
 import click
 
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
 
 # Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-OPENMP_WAIT_POLICY = cpu_runtime.choose_openmp_wait_policy()
+cpu_runtime.choose_openmp_wait_policy()
 cpu_runtime.keep_freed_memory()
 
 import numpy as np  # noqa: E402
@@ -24,76 +22,8 @@ import tqdm  # noqa: E402
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed  # noqa: E402
-from torch_utils import persistence  # noqa: E402
+from training import cli  # noqa: E402
 from training import sampling  # noqa: E402
-
-
-class SeedList(click.ParamType):
-    """Comma-separated seeds and inclusive ranges, e.g. '0-63,100'; duplicates are dropped, order is kept."""
-
-    name = 'seeds'
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        seeds = []
-        for item in str(value).split(','):
-            match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', item)
-            if match is None:
-                self.fail(f'{item!r} is not a non-negative integer or a range a-b (e.g. 0-63,100)', param, ctx)
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-            if last < first:
-                self.fail(f'range {item!r} is empty: its end is below its start', param, ctx)
-            seeds.extend(range(first, last + 1))
-        return list(dict.fromkeys(seeds))
-
-
-def choose_sampler(solver, discretization, schedule, scaling):
-    """EDM's rule: any ablation option selects the ablation sampler; dpm/dpm2m select DPM-Solver++."""
-    if solver in ('dpm', 'dpm2m'):
-        for flag, value in (('--disc', discretization), ('--schedule', schedule), ('--scaling', scaling)):
-            if value is not None:
-                raise click.ClickException(f'{flag} applies to the ablation sampler (--solver euler|heun), not to --solver {solver}')
-        return solver
-    if any(value is not None for value in (solver, discretization, schedule, scaling)):
-        return 'ablation'
-    return 'edm'
-
-
-OPTION_NAMES = {'num_steps': 'steps', 'discretization': 'disc'}  # sampler keyword → command-line option
-
-
-def sampler_from_options(sampler_options):
-    """(sampler name, its keyword arguments) from the command-line sampler options; unset ones are left out."""
-    sampler_options = {key: value for key, value in sampler_options.items() if value is not None}
-    sampler_name = choose_sampler(*(sampler_options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
-    if sampler_name != 'ablation':
-        sampler_options.pop('solver', None)
-    check_sampler_options(sampler_name, sampler_options)
-    return sampler_name, sampler_options
-
-
-def check_sampler_options(sampler_name, options):
-    """Every given option must be one the sampler takes, and the step count must be one it can run."""
-    accepted = inspect.signature(sampling.SAMPLERS[sampler_name]).parameters
-    for key in options:
-        if key not in accepted:
-            raise click.ClickException(f'--{OPTION_NAMES.get(key, key)} does not apply to the {sampler_name} sampler')
-    num_steps = options.get('num_steps', accepted['num_steps'].default)
-    if num_steps < sampling.MIN_NUM_STEPS[sampler_name]:
-        raise click.ClickException(f'--steps {num_steps}: the {sampler_name} sampler needs at least {sampling.MIN_NUM_STEPS[sampler_name]}')
-
-
-def load_network(network_url, device):
-    """The EMA network of a snapshot (ours or a published FDM/EDM pickle), read without running code from it."""
-    try:
-        with dnnlib.util.open_url(network_url, verbose=distributed.is_main()) as f:
-            snapshot = persistence.load_network_pickle(f)
-    except Exception as error:  # a file we cannot read or refuse to read is the user's input, not a bug
-        raise click.ClickException(f'--network {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
-    if not isinstance(snapshot, dict) or 'ema' not in snapshot:
-        raise click.ClickException(f'--network {network_url}: the pickle holds no \'ema\' network')
-    return snapshot['ema'].eval().requires_grad_(False).to(device)
 
 
 def image_path(outdir, seed, subdirs):
@@ -129,35 +59,15 @@ def gather_to_main(images_by_seed):
     return {seed: image for part in gathered for seed, image in part.items()} if distributed.is_main() else None
 
 
-def split_seeds(seeds, max_batch_size, rank, world_size):
-    """This rank's batches: the seeds split into a multiple of world_size near-equal batches, dealt round-robin."""
-    num_batches = (max(len(seeds) - 1, 0) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = np.array_split(np.array(seeds, dtype=np.int64), num_batches)
-    return all_batches[rank::world_size], all_batches
-
-
 @click.command()
 @click.option('--network', 'network_url', help='Network pickle: path or URL', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Where to save one PNG per seed', metavar='DIR', type=str)
 @click.option('--grid', 'grid_path', help='Also save all images as one PNG grid', metavar='PATH', type=str)
-@click.option('--seeds', help='Random seeds, e.g. 0-63,100', metavar='LIST', type=SeedList(), default='0-63', show_default=True)
+@click.option('--seeds', help='Random seeds, e.g. 0-63,100', metavar='LIST', type=cli.SeedList(), default='0-63', show_default=True)
 @click.option('--subdirs', help='Save into subfolders of 1000 seeds', is_flag=True)
-@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--steps', 'num_steps', help='Number of sampling steps  [default: 18]', metavar='INT', type=int)
-@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min', help='Stochastic min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max', help='Stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise', help='Stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float)
-@click.option('--solver', help='Solver  [default: heun (EDM sampler)]', type=click.Choice(['euler', 'heun', 'dpm', 'dpm2m']))
-@click.option('--disc', 'discretization', help='Time step discretization (ablation sampler)', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule', help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))
-@click.option('--scaling', help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))
+@cli.sampler_options
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-@click.option('--precision', help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(sampling.PRECISIONS)))
 def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, precision, **sampler_options):
     """Generate images from a trained diffusion model.
 
@@ -173,29 +83,15 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     """
     if outdir is None and grid_path is None:
         raise click.ClickException('nothing to write: give --outdir, --grid, or both')
-    sampler_name, sampler_options = sampler_from_options(sampler_options)
-    try:
-        device = distributed.init(device)
-    except ValueError as error:
-        raise click.ClickException(f'--device: {error}')
+    sampler_name, sampler_options = cli.sampler_from_options(sampler_options)
+    device, precision = cli.init_device(device, precision)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    precision = precision or sampling.default_precision(device)
-    if precision != 'fp32' and device.type != 'cuda':
-        raise click.ClickException(f'--precision {precision} needs a CUDA device; this run uses {device.type}')
 
-    # Rank 0 loads first, so that a URL is downloaded into the cache once.
-    if rank != 0:
-        distributed.barrier()
     distributed.print0(f'Loading network from "{network_url}"...')
-    net = load_network(network_url, device)
-    if rank == 0:
-        distributed.barrier()
-    if class_idx is not None and not net.label_dim:
-        raise click.ClickException(f'--class {class_idx}: the network is unconditional (label_dim 0)')
-    if class_idx is not None and class_idx >= net.label_dim:
-        raise click.ClickException(f'--class {class_idx}: out of range, the network has classes 0-{net.label_dim - 1}')
+    net = cli.rank0_first(lambda: cli.load_network(network_url, device))  # a URL is downloaded into the cache once
+    cli.check_class_idx(class_idx, net)
 
-    rank_batches, all_batches = split_seeds(seeds, max_batch_size, rank, world_size)
+    rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
         f'on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}

@@ -4,8 +4,15 @@ The plot needs no plotting library: Pillow is already a dependency, and a benchm
 polylines on labelled axes.
 """
 
+import datetime
+import io
 import json
 import math
+import os
+import platform
+import zipfile
+
+import numpy as np
 
 import PIL.Image
 import PIL.ImageDraw
@@ -132,3 +139,41 @@ def line_plot(path, series, x_label, y_label, title,
         legend_y += 22
     with dnnlib.util.atomic_write(path, 'wb') as f:
         image.save(f, format='png')
+
+
+def write_synthetic_dataset(path, num_images, resolution, channels, num_classes, seed=0):
+    """A ZIP in the dataset layout of docs/design.md#datasets: random images, and random labels if classes > 0."""
+    rng = np.random.default_rng(seed)
+    labels = []
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as archive:
+        for index in range(num_images):
+            pixels = rng.integers(0, 256, size=[resolution, resolution, channels], dtype=np.uint8)
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format='png')
+            name = f'{index // 1000:05d}/img{index:08d}.png'
+            archive.writestr(name, buffer.getvalue())
+            labels.append([name, int(rng.integers(num_classes))] if num_classes else None)
+        archive.writestr('dataset.json', json.dumps({'labels': labels if num_classes else None}))
+
+
+def machine_description():
+    """What the numbers were measured on: processor, cores, memory, library versions, GPU, date."""
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu_model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    try:
+        memory_gb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gb = None
+    description = dict(cpu=cpu_model, cores=len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+                       memory_gb=memory_gb, python=platform.python_version(), system=platform.platform(),
+                       date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'))
+    try:
+        import torch
+        description.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    except ImportError:
+        pass
+    return description

@@ -1,8 +1,8 @@
 """Does FDM reach a given quality with fewer training images than its baseline? FDM's claim at small scale.
 
 Trains the baseline (EDM, VP or VE) and its FDM variant with the same data, network, batch, seed and image
-budget, by running train.py itself in segments that each end at a checkpoint and resume from the previous
-segment's training state (resuming is exact, so the segments equal one run). After each segment the FID of
+budget, by running what train.py runs (`training.launch.run`) in segments that each end at a checkpoint
+and resume from the previous segment's training state (resuming is exact, so the segments equal one run). After each segment the FID of
 the EMA network is measured with one fixed sampler and fixed seeds, generating in memory, against feature
 statistics of the whole dataset that are computed once and cached in --outdir. Writes a markdown table, JSON
 and a PNG plot of FID vs training kimg, the share of training images FDM needs to reach the baseline's final
@@ -28,15 +28,15 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import dnnlib  # noqa: E402  (the repository root must be on the path first)
-import train  # noqa: E402
 from benchmarks import common  # noqa: E402
 from torch_utils import distributed  # noqa: E402
-from torch_utils import persistence  # noqa: E402
+from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
+from training import launch  # noqa: E402
 from training import metrics  # noqa: E402
 from training import networks  # noqa: E402
 from training import sampling  # noqa: E402
-from training import training_loop  # noqa: E402
+from training.checkpoints import load_network_pickle, snapshot_name  # noqa: E402
 
 DEFAULT_DATA = str(pathlib.Path(__file__).resolve().parents[1] / 'datasets' / 'fashion-mnist-32x32-5k.zip')
 
@@ -74,7 +74,7 @@ class Stopwatch:
 
 
 def parse_steps_list(text):
-    steps = train.parse_int_list(text)
+    steps = cli.parse_int_list(text)
     if not steps or min(steps) < 2:
         raise click.BadParameter(f'{text!r}: the EDM sampler needs at least 2 steps per entry')
     return sorted(set(steps))
@@ -107,24 +107,23 @@ def kimg_to_reach(curve, target_fid):
     return None, 'not reached'
 
 
-def train_args(opts, precond, run_dir, nimg, device_type):
+def train_options(opts, precond, run_dir, nimg, device_type):
     """train.py options that train `precond` up to `nimg` images in `run_dir`: the run's one source of truth."""
-    args = [
-        f'--outdir={run_dir}', '--nosubdir', f'--data={opts.data}', f'--cond={opts.cond}', f'--arch={opts.arch}',
-        f'--precond={precond}', f'--cbase={opts.cbase}', f'--cres={",".join(map(str, opts.cres))}',
-        f'--batch={opts.batch}', f'--lr={opts.lr}', f'--lr_rampup={opts.kimg * LR_RAMPUP_FRACTION / 1000}',
-        f'--dropout={opts.dropout}', f'--augment={opts.augment}', f'--seed={opts.seed}', f'--device={device_type}',
-        '--workers=0', '--snap=0', '--dump=0', f'--tick={opts.kimg / opts.checkpoints / 4}', f'--duration={nimg / 1e6}',
-    ]
+    options = dict(
+        outdir=run_dir, nosubdir=True, data=opts.data, cond=opts.cond, arch=opts.arch, precond=precond,
+        cbase=opts.cbase, cres=opts.cres, batch=opts.batch, lr=opts.lr, lr_rampup=opts.kimg * LR_RAMPUP_FRACTION / 1000,
+        dropout=opts.dropout, augment=opts.augment, seed=opts.seed, device=device_type, workers=0, snap=0, dump=0,
+        tick=opts.kimg / opts.checkpoints / 4, duration=nimg / 1e6,
+    )
     if precond.startswith('fdm_'):
-        args.append(f'--warmup_ite={opts.warmup_ite}')
-    return args
+        options['warmup_ite'] = opts.warmup_ite
+    return options
 
 
-def train_segment(args):
-    """Run train.py in this process; its own Logger keeps the full output in the run directory's log.txt."""
+def train_segment(options):
+    """Train in this process as train.py would; its own Logger keeps the full output in the run directory's log.txt."""
     with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
-        train.main.main(args, standalone_mode=False)
+        launch.run(dnnlib.EasyDict(launch.DEFAULTS, **options))
 
 
 def reference_statistics(data_path, detector, batch, device, cache_path):
@@ -155,16 +154,16 @@ def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
     label = METHOD_LABELS[precond]
     checkpoints = []
     for index, nimg in enumerate(nimgs):
-        args = train_args(opts, precond, run_dir, nimg, device.type)
+        options = train_options(opts, precond, run_dir, nimg, device.type)
         if index > 0:
-            args.append(f'--resume={run_dir}')
+            options['resume'] = run_dir
         with Stopwatch() as train_time:
-            train_segment(args)
-        snapshot = os.path.join(run_dir, training_loop.snapshot_name(nimg))
+            train_segment(options)
+        snapshot = os.path.join(run_dir, snapshot_name(nimg))
         if not os.path.isfile(snapshot):
             raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no '
                                        f'{os.path.basename(snapshot)}); see {os.path.join(run_dir, "log.txt")}')
-        net = persistence.load_network_pickle(snapshot)['ema'].to(device).eval()
+        net = load_network_pickle(snapshot)['ema'].to(device).eval()
         with Stopwatch() as eval_time:
             fid = network_fid(net, opts.steps, opts.num_fid, opts.eval_batch, detector, reference, device)
         checkpoints.append(dict(kimg=nimg / 1000, fid=fid, snapshot=snapshot,
@@ -184,7 +183,7 @@ def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
               f'({eval_time.wall_sec:6.1f} s)', flush=True)
     num_params = sum(param.numel() for param in net.parameters())
     return dict(label=label, precond=precond, run_dir=run_dir, num_params=num_params, checkpoints=checkpoints,
-                nfe=nfe_rows, train_args=train_args(opts, precond, run_dir, nimgs[-1], device.type))
+                nfe=nfe_rows, train_args=launch.command_line(train_options(opts, precond, run_dir, nimgs[-1], device.type)))
 
 
 def summarise(results, baseline, fdm):
@@ -264,7 +263,7 @@ def conclusion_line(summary, base_label, fdm_label):
 @click.option('--checkpoints',  help='FID measurements over the budget', metavar='INT', type=click.IntRange(min=1), default=5, show_default=True)
 @click.option('--arch',         help='Network architecture', type=click.Choice(sorted(networks.ARCH_PRESETS)), default='ddpmpp', show_default=True)
 @click.option('--cbase',        help='Channel multiplier', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
-@click.option('--cres',         help='Channels per resolution', metavar='LIST', type=train.parse_int_list, default='1,2,2', show_default=True)
+@click.option('--cres',         help='Channels per resolution', metavar='LIST', type=cli.parse_int_list, default='1,2,2', show_default=True)
 @click.option('--batch',        help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--lr',           help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option('--dropout',      help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
@@ -310,7 +309,7 @@ def main(**kwargs):
 
     os.makedirs(opts.outdir, exist_ok=True)
     desc = f'{opts.pair}-{images.name}-c{opts.cbase}-b{opts.batch}-{opts.kimg:g}kimg'
-    study_dir = train.make_run_dir(opts.outdir, desc, nosubdir=False)
+    study_dir = launch.make_run_dir(opts.outdir, desc, nosubdir=False)
     print(f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {opts.data}: {opts.kimg:g} kimg each, FID at '
           f'{", ".join(f"{nimg / 1000:g}" for nimg in nimgs)} kimg on {device} ({torch.get_num_threads()} threads)')
     print(f'Study directory: {study_dir}', flush=True)

@@ -1,35 +1,42 @@
 """Training speed (sec/kimg) and peak memory of a named train.py configuration.
 
-Runs the real `train.py` on a synthetic dataset of the config's shape: one warm-up step (tick 0), then
-`--steps` timed steps (tick 1), and reads the timing from that tick's `stats.jsonl` entry.
+Runs what `train.py` runs (`training.launch.run`) on a synthetic dataset of the config's shape: one warm-up
+step (tick 0), then `--steps` timed steps (tick 1), and reads the timing from that tick's `stats.jsonl` entry.
 
     python benchmarks/train_speed.py                        # CIFAR-10 DDPM++ (batch 16 on CPU, 512 on GPU)
     python benchmarks/train_speed.py --config=small --steps=3
 """
 
-import io
 import json
 import os
 import pathlib
 import sys
 import tempfile
-import zipfile
 
 import click
-import numpy as np
-import PIL.Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import train  # noqa: E402  (first: it sets the OpenMP defaults before torch loads)
+from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
+
+# Before torch loads OpenMP, as train.py does: the settings a user of train.py gets.
+cpu_runtime.choose_openmp_wait_policy()
+cpu_runtime.keep_freed_memory()
+
 import torch  # noqa: E402
 
-# Named configurations: dataset shape, train.py options, and the batch used on each device type.
+import dnnlib  # noqa: E402  (the repository root must be on the path first)
+from torch_utils import distributed  # noqa: E402
+from benchmarks import common  # noqa: E402
+from training import launch  # noqa: E402
+from training.precision import TRAINING_PRECISIONS  # noqa: E402
+
+# Named configurations: dataset shape, train.py options (names → values), and the batch used on each device type.
 CONFIGS = {
     'cifar10-ddpmpp': dict(
         resolution  = 32,
         channels    = 3,
         num_classes = 10,
-        options     = ['--cond=1', '--arch=ddpmpp', '--precond=fdm_edm', '--warmup_ite=200'],
+        options     = dict(cond=True, arch='ddpmpp', precond='fdm_edm', warmup_ite=200),
         batch       = dict(cpu=16, cuda=512),
         batch_gpu   = dict(cpu=None, cuda=128),
     ),
@@ -37,26 +44,11 @@ CONFIGS = {
         resolution  = 32,
         channels    = 3,
         num_classes = 0,
-        options     = ['--precond=fdm_edm', '--arch=ddpmpp', '--cbase=32', '--cres=1,2,2', '--augment=0'],
+        options     = dict(precond='fdm_edm', arch='ddpmpp', cbase=32, cres=[1, 2, 2], augment=0),
         batch       = dict(cpu=32, cuda=32),
         batch_gpu   = dict(cpu=None, cuda=None),
     ),
 }
-
-
-def write_synthetic_dataset(path, num_images, resolution, channels, num_classes, seed=0):
-    """A ZIP in the dataset layout of docs/design.md#datasets: random images, and random labels if classes > 0."""
-    rng = np.random.default_rng(seed)
-    labels = []
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as archive:
-        for index in range(num_images):
-            pixels = rng.integers(0, 256, size=[resolution, resolution, channels], dtype=np.uint8)
-            buffer = io.BytesIO()
-            PIL.Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(buffer, format='png')
-            name = f'{index // 1000:05d}/img{index:08d}.png'
-            archive.writestr(name, buffer.getvalue())
-            labels.append([name, int(rng.integers(num_classes))] if num_classes else None)
-        archive.writestr('dataset.json', json.dumps({'labels': labels if num_classes else None}))
 
 
 def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, compile, workers):
@@ -66,15 +58,17 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
     batch_gpu = batch_gpu or config['batch_gpu'][device_type]
     with tempfile.TemporaryDirectory(prefix='train_speed_') as tmp:
         data = os.path.join(tmp, 'dataset.zip')
-        write_synthetic_dataset(data, max(2 * batch, 64), config['resolution'], config['channels'], config['num_classes'])
-        args = config['options'] + [
-            f'--outdir={tmp}/run', '--nosubdir', f'--data={data}', f'--device={device_type}', '--seed=0',
-            f'--batch={batch}', f'--duration={(1 + steps) * batch / 1e6}', f'--tick={steps * batch / 1000}',
-            '--snap=0', '--dump=0', f'--workers={workers}', f'--precision={precision}', f'--compile={compile}',
-        ]
+        common.write_synthetic_dataset(data, max(2 * batch, 64), config['resolution'], config['channels'], config['num_classes'])
+        options = dict(config['options'], outdir=f'{tmp}/run', nosubdir=True, data=data, device=device_type, seed=0,
+                       batch=batch, duration=(1 + steps) * batch / 1e6, tick=steps * batch / 1000, snap=0, dump=0,
+                       workers=workers, precision=precision, compile=compile)
         if batch_gpu is not None:
-            args.append(f'--batch-gpu={batch_gpu}')
-        train.main.main(args, standalone_mode=False)
+            options['batch_gpu'] = batch_gpu
+        distributed.init(device_type)
+        try:
+            launch.run(dnnlib.EasyDict(launch.DEFAULTS, **options))
+        finally:
+            distributed.shutdown()
         with open(os.path.join(tmp, 'run', 'stats.jsonl')) as f:
             ticks = [json.loads(line) for line in f]
     timed = ticks[-1]
@@ -93,7 +87,7 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
         cpu_sec_per_kimg = timed['Timing/cpu_sec_per_kimg']['mean'],
         peak_cpu_mem_gb = timed['Resources/peak_cpu_mem_gb']['mean'],
         peak_gpu_mem_gb = timed['Resources/peak_gpu_mem_gb']['mean'],
-        options         = args,
+        options         = launch.command_line(options),
     )
 
 
@@ -103,7 +97,7 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
 @click.option('--steps',        help='Timed optimizer steps after one warm-up step', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--batch',        help='Override the config\'s batch size', type=click.IntRange(min=1))
 @click.option('--batch-gpu',    help='Override the images per forward pass', type=click.IntRange(min=1))
-@click.option('--precision',    help='Arithmetic', type=click.Choice(['fp32', 'fp16', 'bf16']), default='fp32', show_default=True)
+@click.option('--precision',    help='Arithmetic', type=click.Choice(TRAINING_PRECISIONS), default='fp32', show_default=True)
 @click.option('--compile',      help='torch.compile the network', type=bool, default=False, show_default=True)
 @click.option('--workers',      help='DataLoader worker processes', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', type=click.IntRange(min=1))

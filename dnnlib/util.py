@@ -209,6 +209,11 @@ class Logger:
             self.file.close()
 
 
+def is_power_of_two(n):
+    """True for 1, 2, 4, 8, …: the image sizes that datasets, dataset_tool.py and the U-Nets accept."""
+    return n > 0 and n & (n - 1) == 0
+
+
 def format_time(seconds):
     """Human-readable duration: '45s', '3m 05s', '2h 03m 05s', '1d 02h 03m'."""
     s = int(round(max(seconds, 0)))

@@ -156,10 +156,10 @@ def test_convergence_segments_equal_one_train_py_run(convergence_study, tmp_path
     result = convergence_study['study']['methods']['fdm_edm']
     args = [arg for arg in result['train_args'] if not arg.startswith('--outdir=')] + [f'--outdir={tmp_path}']
     run_script('train.py', *args)
-    from torch_utils import persistence
-    segmented = persistence.load_network_pickle(result['checkpoints'][-1]['snapshot'])['ema'].state_dict()
+    from training import checkpoints
+    segmented = checkpoints.load_network_pickle(result['checkpoints'][-1]['snapshot'])['ema'].state_dict()
     [snapshot] = tmp_path.glob('network-snapshot-*.pkl')
-    single = persistence.load_network_pickle(snapshot)['ema'].state_dict()
+    single = checkpoints.load_network_pickle(snapshot)['ema'].state_dict()
     assert segmented.keys() == single.keys()
     assert all(torch.equal(segmented[name], single[name]) for name in segmented)
 

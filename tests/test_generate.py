@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from training import networks, sampling
+from training import cli, networks, sampling
 from conftest import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_gray_images_are_saved_as_single_channel_png(tmp_path):
 
 
 def test_seed_list_parses_ranges_and_drops_duplicates():
-    assert generate.SeedList().convert('0-3,10,2, 7 - 8', None, None) == [0, 1, 2, 3, 10, 7, 8]
+    assert cli.SeedList().convert('0-3,10,2, 7 - 8', None, None) == [0, 1, 2, 3, 10, 7, 8]
 
 
 @pytest.mark.parametrize('options, expected', [
@@ -147,13 +147,13 @@ def test_seed_list_parses_ranges_and_drops_duplicates():
 ])
 def test_sampler_choice_follows_the_options(options, expected):
     args = [options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')]
-    assert generate.choose_sampler(*args) == expected
+    assert cli.choose_sampler(*args) == expected
 
 
 @pytest.mark.parametrize('num_seeds, max_batch_size, world_size', [(5, 3, 1), (5, 2, 2), (1, 4, 2), (17, 4, 3)])
 def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_size):
     seeds = list(range(100, 100 + num_seeds))
-    per_rank = [generate.split_seeds(seeds, max_batch_size, rank, world_size)[0] for rank in range(world_size)]
+    per_rank = [cli.split_seeds(seeds, max_batch_size, rank, world_size)[0] for rank in range(world_size)]
     assert len({len(batches) for batches in per_rank}) == 1  # every rank runs the same number of rounds
     assert all(len(batch) <= max_batch_size for batches in per_rank for batch in batches)
     assert sorted(seed for batches in per_rank for batch in batches for seed in batch.tolist()) == seeds

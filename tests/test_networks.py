@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -166,18 +165,6 @@ def test_use_fp16_runs_inner_network_in_half_on_cuda():
     assert seen == [torch.float16] and out.dtype == torch.float32
     ref = net(x, sigma, force_fp32=True)
     assert relative_error(out, ref) < 1e-2
-
-
-def test_fdm_input_scale_closed_form():
-    sigma_min, sigma_max = 0.002, 80.0
-    sigma = torch.tensor([sigma_min, 1.0, sigma_max], dtype=torch.float64)
-    for m in (1.0, 2.0):
-        t = (sigma - sigma_min) / (sigma_max - sigma_min)
-        beta = m * (0.1 * t + 0.5 * 19.9 * t ** 2)
-        expected = np.exp(-beta.numpy()) * (1 + beta.numpy())
-        got = networks.fdm_input_scale(sigma, sigma_min, sigma_max, multiplier=m)
-        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
-    assert networks.fdm_input_scale(torch.tensor(sigma_min), sigma_min, sigma_max).item() == 1.0
 
 
 def test_fdm_ve_honours_multiplier():

@@ -1,4 +1,4 @@
-"""Samplers, σ schedules and the seed → RNG rule (training/sampling.py)."""
+"""Samplers and the seed → RNG rule (training/sampling.py)."""
 
 import copy
 import math
@@ -162,41 +162,6 @@ def test_reduced_precision_is_refused_on_cpu(precision):
 def test_images_to_uint8_rounds_to_nearest_and_clips():
     levels = torch.tensor([-300, 0, 127.4, 127.5, 127.6, 254.9, 255, 400], dtype=torch.float64)  # x·127.5 + 127.5
     assert sampling.images_to_uint8((levels - 127.5) / 127.5).tolist() == [0, 0, 127, 128, 128, 255, 255, 255]
-
-
-# Schedules.
-
-
-def test_edm_sigmas_span_the_range_uniformly_in_sigma_to_the_one_over_rho():
-    sigmas = sampling.edm_sigmas(5, sigma_min=0.002, sigma_max=80, rho=7)
-    assert sigmas.dtype == torch.float64
-    assert sigmas[0].item() == pytest.approx(80) and sigmas[-1].item() == pytest.approx(0.002)
-    steps = sigmas ** (1 / 7)
-    assert torch.allclose(steps[1:] - steps[:-1], (steps[1] - steps[0]).expand(4))
-
-
-def test_vp_sigmas_refit_the_schedule_to_the_range():
-    sigmas = sampling.vp_sigmas(6, sigma_min=0.01, sigma_max=50)
-    assert sigmas[0].item() == pytest.approx(50) and sigmas[-1].item() == pytest.approx(0.01)
-    assert (sigmas[1:] < sigmas[:-1]).all()
-
-
-def test_ve_and_logsnr_sigmas_are_geometric():
-    for sigmas in (sampling.ve_sigmas(5, 0.02, 100), sampling.logsnr_sigmas(5, 0.02, 100)):
-        ratios = sigmas[1:] / sigmas[:-1]
-        assert sigmas[0].item() == pytest.approx(100) and sigmas[-1].item() == pytest.approx(0.02)
-        assert torch.allclose(ratios, ratios[0].expand(4))
-
-
-def test_iddpm_sigmas_are_levels_of_the_network_schedule():
-    net = networks.iDDPMPrecond(img_resolution=8, img_channels=1, model_channels=32, channel_mult=[1], num_blocks=1, attn_resolutions=[])
-    levels = sampling.iddpm_levels()
-    assert levels[-1].item() == 0 and (levels[1:] < levels[:-1]).all()
-    assert torch.allclose(levels.float(), net.u, rtol=1e-3)  # the network keeps the published float32 recursion
-    sigmas = sampling.iddpm_sigmas(7, sigma_min=0.002, sigma_max=81)
-    in_range = levels[(levels >= 0.002) & (levels <= 81)]
-    assert sigmas[0] == in_range[0] and sigmas[-1] == in_range[-1]
-    assert all((in_range == sigma).any() for sigma in sigmas)
 
 
 @pytest.mark.parametrize('num_solver_steps', range(1, 13))

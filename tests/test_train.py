@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import train
+from training import launch
 
 # The nine published training recipes of the README (options after --outdir/--data).
 RECIPES = {
@@ -138,10 +139,10 @@ def test_fp16_and_bf16_precision_options(tmp_path, unlabeled_zip):
 
 
 def test_run_directories_are_numbered_and_hold_options(tmp_path):
-    first = train.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
-    second = train.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
+    first = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
+    second = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
     assert first.endswith('00000-desc') and second.endswith('00001-desc')
-    assert train.make_run_dir(str(tmp_path), 'desc', nosubdir=True) == str(tmp_path)
+    assert launch.make_run_dir(str(tmp_path), 'desc', nosubdir=True) == str(tmp_path)
 
 
 @pytest.mark.parametrize('args, fragments', [

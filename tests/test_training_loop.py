@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import train
 import conftest
 from test_train import write_dataset
-from training import training_loop
+from training import checkpoints
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8                                 # images per step, over all processes
@@ -42,7 +42,7 @@ def run_torchrun(args, nproc=2):
 
 
 def latest_state(run_dir):
-    return training_loop.load_training_state(training_loop.resolve_resume_path(str(run_dir)))
+    return checkpoints.load_training_state(checkpoints.resolve_resume_path(str(run_dir)))
 
 
 def flat(state_dict):

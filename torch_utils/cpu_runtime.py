@@ -10,6 +10,8 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
+openmp_wait_policy = 'not chosen'   # What choose_openmp_wait_policy() decided, for the start-up report.
+
 
 def choose_openmp_wait_policy():
     """Call before `import torch`. Returns the policy in force ('default', 'PASSIVE' or the user's).
@@ -19,13 +21,16 @@ def choose_openmp_wait_policy():
     slice instead (a 2-thread training step took 21.7 s instead of 2.0 s at load 3), so then they sleep
     (PASSIVE). A policy set by the user (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is kept.
     """
-    for name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT'):
-        if name in os.environ:
-            return f'{name}={os.environ[name]} (set by the user)'
-    if cpus_busy():
+    global openmp_wait_policy
+    user_settings = [f'{name}={os.environ[name]}' for name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if name in os.environ]
+    if user_settings:
+        openmp_wait_policy = ' '.join(user_settings) + ' (set by the user)'
+    elif cpus_busy():
         os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'
-        return 'PASSIVE (the CPUs are busy)'
-    return 'default (the CPUs are idle)'
+        openmp_wait_policy = 'PASSIVE (the CPUs were busy at start-up)'
+    else:
+        openmp_wait_policy = 'spin, then sleep (the CPUs were idle at start-up)'
+    return openmp_wait_policy
 
 
 def cpus_busy():

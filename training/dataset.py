@@ -11,6 +11,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+import dnnlib
+
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
 CHANNELS_OF_MODE = {'L': 1, 'RGB': 3}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -132,7 +134,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise DatasetError(f'{self._describe(name)}: image mode {mode}; datasets hold 8-bit grayscale (L) '
                                    f'or RGB images, convert it with dataset_tool.py')
             if shape is None:
-                if width != height or width & (width - 1):
+                if width != height or not dnnlib.util.is_power_of_two(width):
                     raise DatasetError(f'{self._describe(name)}: image is {width}x{height}; dataset images must be '
                                        f'square with a power-of-two size (see dataset_tool.py --resolution)')
                 first_name, shape = name, [CHANNELS_OF_MODE[mode], height, width]

@@ -11,7 +11,7 @@ import numbers
 import torch
 
 from torch_utils import persistence
-from training.networks import VPSchedule
+from training import schedules
 
 
 class WarmupSchedule:
@@ -83,7 +83,7 @@ class _DenoisingLoss:
 
 
 @persistence.persistent_class
-class VPLoss(VPSchedule, _DenoisingLoss):
+class VPLoss(_DenoisingLoss):
     """Variance-preserving loss: t uniform on [ε_t, 1], σ = σ_vp(t), weight 1/σ²."""
 
     def __init__(self,
@@ -101,7 +101,7 @@ class VPLoss(VPSchedule, _DenoisingLoss):
 
     def sigma_and_weight(self, rnd_shape, device):
         t = 1 + torch.rand(rnd_shape, device=device) * (self.epsilon_t - 1)
-        sigma = self.sigma(t)
+        sigma = schedules.vp_sigma(t, self.beta_d, self.beta_min, dtype=torch.float32)
         return sigma, 1 / sigma ** 2
 
 

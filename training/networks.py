@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import dnnlib
 from torch_utils import persistence
+from training import schedules
 
 # Architecture presets used by train.py: keyword arguments of the inner network.
 ARCH_PRESETS = {
@@ -523,13 +525,17 @@ INNER_NETWORKS = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 
 
 def _check_resolution(img_resolution):
-    if not (isinstance(img_resolution, int) and img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0):
+    if not (isinstance(img_resolution, int) and img_resolution >= 4 and dnnlib.util.is_power_of_two(img_resolution)):
         raise ValueError(f'img_resolution={img_resolution!r} is not a power of two >= 4')
 
 # Preconditioners: D(x) = c_skip·x + c_out·F(c_in·x, c_noise, labels).
 
 class Precond(torch.nn.Module):
     """Shared input handling of all preconditioners; subclasses define `coefficients(sigma)`."""
+
+    # Run the inner network on channels-last tensors? None = on CPUs only, where oneDNN then convolves without
+    # reordering each layer's input (~10% faster); set it on an instance to choose (e.g. for CUDA benchmarks).
+    channels_last = None
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_out_channels=None, **model_kwargs):
         _choice('model_type', model_type, set(INNER_NETWORKS))
@@ -559,7 +565,7 @@ class Precond(torch.nn.Module):
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         x_in = (c_in * x).to(dtype)
-        if x.device.type == 'cpu':  # oneDNN convolves channels-last tensors without reordering each layer's input
+        if self.channels_last if self.channels_last is not None else x.device.type == 'cpu':
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
@@ -569,15 +575,13 @@ class Precond(torch.nn.Module):
 
 
 class VPSchedule:
-    """The VP noise schedule σ(t) and its inverse, evaluated in float32 as the published code does."""
+    """The VP noise schedule σ(t) and its inverse with this object's β_d, β_min, in float32 as published."""
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return schedules.vp_sigma(t, self.beta_d, self.beta_min, dtype=torch.float32)
 
     def sigma_inv(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        return schedules.vp_sigma_inv(sigma, self.beta_d, self.beta_min, dtype=torch.float32)
 
 
 @persistence.persistent_class
@@ -650,16 +654,10 @@ class iDDPMPrecond(Precond):
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        u = schedules.iddpm_levels(C_1, C_2, M, dtype=torch.float32)
         self.register_buffer('u', u)
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])
-
-    def alpha_bar(self, j):
-        j = torch.as_tensor(j)
-        return (0.5 * np.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
 
     def coefficients(self, sigma):
         c_in = 1 / (sigma ** 2 + 1).sqrt()
@@ -702,15 +700,10 @@ class EDMPrecond(Precond):
 
 # FDM: the baseline preconditioners with c_in replaced by the momentum kernel s(σ).
 
-def fdm_input_scale(sigma, sigma_min, sigma_max, beta_d=19.9, beta_min=0.1, multiplier=2.0):
-    """s(σ) = exp(−m·β(t))·(1 + m·β(t)), β(t) = β_min·t + ½β_d·t², t = (σ − σ_min)/(σ_max − σ_min).
-
-    This is the critically damped oscillation's solution: it replaces the baseline's c_in (docs/design.md#fdm-kernel).
-    """
-    t = (sigma - sigma_min) / (sigma_max - sigma_min)
-    beta = multiplier * (beta_min * t + 0.5 * beta_d * t ** 2)
-    return torch.exp(-beta) * (1 + beta)
-
+# The published VE-FDM code ignored fdm_multiplier and always scaled with m = 1 (docs/compatibility.md#ve-fdm-multiplier): its weights and its
+# recipe are for m = 1.
+PUBLISHED_VE_FDM_MULTIPLIER = 1.0
+PUBLISHED_FDM_MULTIPLIER_DEFAULT = 1.0  # the published classes' default m; their train.py always passed m explicitly
 
 class FDMInputScaling:
     """Mix-in that swaps the baseline's c_in for the FDM kernel; the baseline supplies σ_min, σ_max."""
@@ -722,7 +715,7 @@ class FDMInputScaling:
 
     def coefficients(self, sigma):
         c_skip, c_out, _, c_noise = super().coefficients(sigma)
-        c_in = fdm_input_scale(sigma, self.sigma_min, self.sigma_max, self.fdm_beta_d, self.fdm_beta_min, self.fdm_multiplier)
+        c_in = schedules.fdm_input_scale(sigma, self.sigma_min, self.sigma_max, self.fdm_beta_d, self.fdm_beta_min, self.fdm_multiplier)
         return c_skip, c_out, c_in, c_noise
 
 
@@ -763,7 +756,7 @@ class FDM_VEPrecond(FDMInputScaling, VEPrecond):
         model_type     = 'SongUNet',    # Inner network class.
         fdm_beta_d     = 19.9,          # β_d of the FDM kernel.
         fdm_beta_min   = 0.1,           # β_min of the FDM kernel.
-        fdm_multiplier = 1.0,           # m of the FDM kernel.
+        fdm_multiplier = PUBLISHED_VE_FDM_MULTIPLIER, # m of the FDM kernel.
         **model_kwargs,                 # Passed to the inner network.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, sigma_min, sigma_max, model_type, **model_kwargs)

@@ -1,16 +1,19 @@
-"""Samplers for the diffusion ODE/SDE, the σ schedules they step through, and the seed → RNG rule.
+"""Samplers for the diffusion ODE/SDE and the seed → RNG rule.
 
 Every sampler is one function `(net, latents, class_labels=None, randn_like=torch.randn_like, **options)
 -> images` with no hidden state (docs/design.md#samplers): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
 `latents` are unit Gaussian, `randn_like` is the noise source of stochastic steps. The state is kept in
 float64 so that step arithmetic does not lose precision at small σ; the network itself runs in its own
-precision. Schedules are separate functions returning float64 σ (or t) tensors.
+precision. The σ grids they step through are in training/schedules.py.
 """
 
 import contextlib
 import math
 
 import torch
+
+from training import schedules
+from training.precision import PRECISIONS, default_sampling_precision
 
 # The seed → RNG rule (docs/design.md#seeds): defined once, used by generate.py, fid.py and the tests.
 
@@ -68,65 +71,6 @@ def images_to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-# σ schedules. Each returns the N noise levels σ_0 > … > σ_{N-1} of an N-step sampler (float64, no final 0).
-
-
-def edm_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7, device='cpu'):
-    """EDM's discretisation: uniform in σ^(1/ρ), which concentrates steps at low noise."""
-    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
-    return (sigma_max ** (1 / rho) + step_fraction * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def vp_sigmas(num_steps, sigma_min, sigma_max, epsilon_s=1e-3, device='cpu'):
-    """VP (DDPM++) discretisation: uniform in t ∈ [1, ε_s] of a VP schedule re-fit to the σ range."""
-    beta_d, beta_min = vp_betas_for_range(sigma_min, sigma_max, epsilon_s)
-    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
-    return vp_sigma(1 + step_fraction * (epsilon_s - 1), beta_d, beta_min)
-
-
-def ve_sigmas(num_steps, sigma_min, sigma_max, device='cpu'):
-    """VE (NCSN++) discretisation: geometric in σ (equivalently in σ²)."""
-    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
-    return (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** step_fraction).sqrt()
-
-
-def iddpm_sigmas(num_steps, sigma_min, sigma_max, C_1=0.001, C_2=0.008, M=1000, device='cpu'):
-    """iDDPM discretisation: N of the cosine schedule's M+1 levels u_j, evenly spread over those in range."""
-    u = iddpm_levels(C_1, C_2, M, device=device)
-    u_in_range = u[(u >= sigma_min) & (u <= sigma_max)]
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
-    return u_in_range[((len(u_in_range) - 1) / (num_steps - 1) * step_indices).round().to(torch.int64)]
-
-
-def logsnr_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device='cpu'):
-    """Uniform in log-SNR λ = −ln σ (the data-scale α is 1 in the EDM process), from σ_max to σ_min."""
-    lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), num_steps, dtype=torch.float64, device=device)
-    return (-lambdas).exp()
-
-
-def iddpm_levels(C_1=0.001, C_2=0.008, M=1000, device='cpu'):
-    """The M+1 noise levels u_0 > … > u_M = 0 of iDDPM's cosine schedule (docs/design.md#preconditioners), float64."""
-    j = torch.arange(M + 1, dtype=torch.float64, device=device)
-    alpha_bar = (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2
-    alpha_ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist()  # ᾱ(j−1)/ᾱ(j) for j = 1…M
-    u = [0.0] * (M + 1)
-    for k in range(M, 0, -1):  # a recursion: each level needs the next one
-        u[k - 1] = math.sqrt((u[k] ** 2 + 1) / alpha_ratio[k - 1] - 1)
-    return torch.tensor(u, dtype=torch.float64, device=device)
-
-
-def vp_sigma(t, beta_d=19.9, beta_min=0.1):
-    """σ(t) of the VP SDE: √(exp(½β_d t² + β_min t) − 1)."""
-    return (0.5 * beta_d * t ** 2 + beta_min * t).expm1().sqrt()
-
-
-def vp_betas_for_range(sigma_min, sigma_max, epsilon_s=1e-3):
-    """(β_d, β_min) with σ_vp(ε_s) = σ_min and σ_vp(1) = σ_max, from ln(σ²+1) = ½β_d t² + β_min t at both ends."""
-    beta_d = 2 * (math.log(sigma_min ** 2 + 1) / epsilon_s - math.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
-    beta_min = math.log(sigma_max ** 2 + 1) - 0.5 * beta_d
-    return beta_d, beta_min
-
-
 # Samplers.
 
 
@@ -159,7 +103,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     _check_num_steps(num_steps, 'edm')
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
-    sigmas = _round_sigma(net, edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device))
+    sigmas = _round_sigma(net, schedules.edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=latents.device))
     sigmas = torch.cat([sigmas, torch.zeros_like(sigmas[:1])])
     gammas = _churn_gammas(sigmas[:-1].tolist(), num_steps, S_churn, S_min, S_max)  # one host sync, before the loop
 
@@ -193,7 +137,7 @@ class _NoiseSchedule:
         self.name, self.beta_d, self.beta_min = name, vp_beta_d, vp_beta_min
 
     def sigma(self, t):
-        return {'vp': lambda: vp_sigma(t, self.beta_d, self.beta_min), 've': lambda: t.sqrt(), 'linear': lambda: t}[self.name]()
+        return {'vp': lambda: schedules.vp_sigma(t, self.beta_d, self.beta_min), 've': lambda: t.sqrt(), 'linear': lambda: t}[self.name]()
 
     def sigma_deriv(self, t):
         if self.name == 'vp':
@@ -203,7 +147,7 @@ class _NoiseSchedule:
 
     def sigma_inv(self, sigma):
         if self.name == 'vp':
-            return ((self.beta_min ** 2 + 2 * self.beta_d * (sigma ** 2).log1p()).sqrt() - self.beta_min) / self.beta_d
+            return schedules.vp_sigma_inv(sigma, self.beta_d, self.beta_min)
         return sigma ** 2 if self.name == 've' else sigma
 
 
@@ -225,7 +169,7 @@ class _Scaling:
 
 
 ABLATION_DEFAULT_SIGMA_RANGES = {  # (σ_min, σ_max) per discretisation, before clamping to the net's range
-    'vp': tuple(float(vp_sigma(torch.tensor(t, dtype=torch.float64))) for t in (1e-3, 1.0)),
+    'vp': tuple(float(schedules.vp_sigma(t)) for t in (1e-3, 1.0)),
     've': (0.02, 100),
     'iddpm': (0.002, 81),
     'edm': (0.002, 80),
@@ -262,15 +206,15 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     sigma_max = min(default_max if sigma_max is None else sigma_max, net.sigma_max)
 
     device = latents.device
-    schedule_fns = _NoiseSchedule(schedule, *vp_betas_for_range(sigma_min, sigma_max, epsilon_s))
+    schedule_fns = _NoiseSchedule(schedule, *schedules.vp_betas_for_range(sigma_min, sigma_max, epsilon_s))
     scaling_fns = _Scaling(scaling, schedule_fns)
     sigma, sigma_deriv, sigma_inv, s, s_deriv = (schedule_fns.sigma, schedule_fns.sigma_deriv, schedule_fns.sigma_inv,
         scaling_fns.s, scaling_fns.s_deriv)
     sigma_steps = {
-        'vp': lambda: vp_sigmas(num_steps, sigma_min, sigma_max, epsilon_s, device=device),
-        've': lambda: ve_sigmas(num_steps, sigma_min, sigma_max, device=device),
-        'iddpm': lambda: iddpm_sigmas(num_steps, sigma_min, sigma_max, C_1, C_2, M, device=device),
-        'edm': lambda: edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device),
+        'vp': lambda: schedules.vp_sigmas(num_steps, sigma_min, sigma_max, epsilon_s, device=device),
+        've': lambda: schedules.ve_sigmas(num_steps, sigma_min, sigma_max, device=device),
+        'iddpm': lambda: schedules.iddpm_sigmas(num_steps, sigma_min, sigma_max, C_1, C_2, M, device=device),
+        'edm': lambda: schedules.edm_sigmas(num_steps, sigma_min, sigma_max, rho, device=device),
     }[discretization]()
     t_steps = sigma_inv(_round_sigma(net, sigma_steps))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
@@ -311,7 +255,7 @@ def dpm_solver_pp(net, latents, class_labels=None, randn_like=torch.randn_like,
     for the EDM process x = y + σn (α = 1, λ = −ln σ); time points uniform in λ, then x ← D(x; σ_min).
     `randn_like` is unused: the solver is deterministic."""
     _check_num_steps(num_steps, 'dpm')
-    lambda_outer = (-logsnr_sigmas(len(singlestep_orders(num_steps - 1)) + 1, sigma_min, sigma_max).log()).tolist()
+    lambda_outer = (-schedules.logsnr_sigmas(len(singlestep_orders(num_steps - 1)) + 1, sigma_min, sigma_max).log()).tolist()
     intervals = list(zip(singlestep_orders(num_steps - 1), lambda_outer[:-1], lambda_outer[1:]))
     eval_sigmas = [math.exp(-(lambda_s + r * (lambda_t - lambda_s)))
         for order, lambda_s, lambda_t in intervals for r in SINGLESTEP_FRACTIONS[order]] + [sigma_min]
@@ -363,7 +307,7 @@ def dpm_solver_2m(net, latents, class_labels=None, randn_like=torch.randn_like,
     _check_num_steps(num_steps, 'dpm2m')
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
-    sigmas = _round_sigma(net, logsnr_sigmas(num_steps, sigma_min, sigma_max, device=latents.device))
+    sigmas = _round_sigma(net, schedules.logsnr_sigmas(num_steps, sigma_min, sigma_max, device=latents.device))
     lambdas = (-sigmas.log()).tolist()  # one host sync, before the loop
 
     x = latents.to(torch.float64) * sigmas[0]
@@ -391,29 +335,15 @@ SAMPLERS = {
 MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1}  # the σ schedules need two points; 2M can just denoise
 
 
-# The network's arithmetic → (TF32 tensor cores allowed, autocast dtype); the sampler state stays float64.
-PRECISIONS = {
-    'fp32': (False, None),          # exact float32: an image is bit-identical whatever its batch (slow on GPUs)
-    'tf32': (True, None),           # CUDA default: float32 with TF32 convolutions and matmuls (~7x faster on an H200)
-    'fp16': (True, torch.float16),  # CUDA autocast
-    'bf16': (True, torch.bfloat16), # CUDA autocast
-}
-
-
-def default_precision(device):
-    """tf32 on CUDA (what PyTorch's convolutions do by default, as in the published code), fp32 elsewhere."""
-    return 'tf32' if torch.device(device).type == 'cuda' else 'fp32'
-
-
 @contextlib.contextmanager
 def network_precision(device, precision=None):
-    """Run the network in `precision` (PRECISIONS; None = default_precision) and restore torch's flags after.
+    """Run the network in `precision` (PRECISIONS; None = default_sampling_precision) and restore torch's flags after.
 
     Only fp32 makes CUDA results independent of the batch size: with TF32 or autocast the kernels chosen for a
     batch size can change the last bits (one uint8 level in a few percent of the pixels).
     """
     device = torch.device(device)
-    precision = precision or default_precision(device)
+    precision = precision or default_sampling_precision(device)
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
     if device.type != 'cuda':
@@ -421,7 +351,7 @@ def network_precision(device, precision=None):
             raise ValueError(f'precision {precision} is for CUDA devices; use fp32 on {device.type}')
         yield
         return
-    allow_tf32, autocast_dtype = PRECISIONS[precision]
+    allow_tf32, autocast_dtype = PRECISIONS[precision].sample_tf32, PRECISIONS[precision].sample_autocast
     saved_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:

@@ -3,14 +3,15 @@
 Randomness of a step (σ, noise, dropout, augmentation) comes from torch's global generator, re-seeded
 before every pass from (seed, step, global pass index). With the data order also global (each process takes
 its slice of one shared sequence), a run gives the same result whatever the number of processes, for a
-given --batch and --batch-gpu; a resumed run continues bit-for-bit.
+given --batch and --batch-gpu; a resumed run continues bit-for-bit. Files are written and read by
+training/checkpoints.py.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import random
-import re
 import resource
 import signal
 import time
@@ -23,72 +24,42 @@ import torch.distributed as dist
 import dnnlib
 from torch_utils import distributed
 from torch_utils import misc
-from torch_utils import persistence
 from torch_utils import training_stats
+from training import checkpoints
+from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
-STATE_FORMAT = 'fdm-training-state'
-STATE_VERSION = 1
-STATE_FILE_RE = re.compile(r'training-state-(\d+)\.pt')
-STATE_KEYS = ('format', 'version', 'net', 'ema', 'optimizer', 'loss_fn', 'augment_pipe', 'cur_nimg', 'cur_step',
-              'cur_tick', 'tick_start_nimg', 'sampler_nimg', 'total_time_sec', 'rng_states', 'world_size', 'options')
 GRAD_LIMIT = 1e5                        # Infinite gradient entries are clipped to ±this; NaNs become 0.
 
 
-class TrainingStateError(ValueError):
-    """A training state or snapshot that cannot be used; the message names the file and what is wrong."""
+class BatchSizeError(ValueError):
+    """Batch sizes that do not split over the processes and passes; `option` names the one at fault."""
+
+    def __init__(self, option, message):
+        super().__init__(message)
+        self.option = option
 
 
-def snapshot_name(cur_nimg):
-    return f'network-snapshot-{cur_nimg // 1000:06d}.pkl'
+def batch_rounds(batch_size, batch_gpu, world_size):
+    """(images per pass per process, passes per optimizer step) for `batch_size` images per step over all processes."""
+    if batch_size % world_size != 0:
+        raise BatchSizeError('--batch', f'{batch_size} is not divisible by the number of processes ({world_size})')
+    batch_per_process = batch_size // world_size
+    batch_gpu = min(batch_gpu or batch_per_process, batch_per_process)
+    if batch_per_process % batch_gpu != 0:
+        raise BatchSizeError('--batch-gpu', f'{batch_gpu} does not divide the per-process batch {batch_per_process} '
+                                            f'(--batch={batch_size} over {world_size} processes)')
+    return batch_gpu, batch_per_process // batch_gpu
 
 
-def state_name(cur_nimg):
-    return f'training-state-{cur_nimg // 1000:06d}.pt'
+@dataclasses.dataclass
+class Counters:
+    """Where the run stands; saved in every training state."""
 
-
-def resolve_resume_path(path):
-    """A state file as given, or the newest `training-state-*.pt` in a run directory."""
-    if os.path.isdir(path):
-        found = [(int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_FILE_RE.fullmatch(name))]
-        if not found:
-            raise TrainingStateError(f'{path} contains no training-state-*.pt file')
-        return os.path.join(path, max(found)[1])
-    if not os.path.isfile(path):
-        raise TrainingStateError(f'{path} does not exist')
-    return path
-
-
-def load_training_state(path, mmap=False):
-    """Read a training state with `weights_only=True` (no code runs) and check that it is one of ours."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except Exception as err:  # torch reports truncation, bad zips and foreign pickles with assorted types
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingStateError(f'{path} is not a readable training state (truncated or corrupt?): {reason}') from None
-    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-        raise TrainingStateError(f'{path} is not a training state written by this train.py')
-    if state.get('version') != STATE_VERSION:
-        raise TrainingStateError(f'{path} has state format version {state.get("version")}, expected {STATE_VERSION}')
-    missing = [key for key in STATE_KEYS if key not in state]
-    if missing:
-        raise TrainingStateError(f'{path} lacks {", ".join(missing)}')
-    return state
-
-
-def check_transferable(data, net):
-    """Check that the snapshot `data['ema']` has parameters of the same names and shapes as `net`."""
-    src = data.get('ema') if isinstance(data, dict) else None
-    if not isinstance(src, torch.nn.Module):
-        raise TrainingStateError('holds no network under "ema"')
-    src_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(src)}
-    dst_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(net)}
-    wrong = [f'{name} {src_shapes[name]} vs {shape}' for name, shape in dst_shapes.items()
-             if name in src_shapes and src_shapes[name] != shape]
-    if wrong:
-        raise TrainingStateError(f'{len(wrong)} tensors differ in shape from the network, e.g. {wrong[0]}')
-    if not any(name in src_shapes for name in dst_shapes):
-        raise TrainingStateError('shares no parameter names with the network')
+    cur_nimg: int = 0                   # Images trained on, over all processes.
+    cur_step: int = 0                   # Optimizer steps taken.
+    cur_tick: int = 0                   # Progress ticks reported.
+    tick_start_nimg: int = 0            # cur_nimg when the current tick began.
 
 
 class _GlobalOrderSampler(torch.utils.data.Sampler):
@@ -162,30 +133,6 @@ def _pass_seed(seed, step, pass_index):
     return int(np.random.SeedSequence([seed, step, pass_index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _rng_state(device):
-    """Every generator of this process as tensors and numbers, loadable with `weights_only=True`."""
-    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    return dict(
-        torch_cpu   = torch.get_rng_state(),
-        torch_cuda  = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-        numpy       = dict(keys=torch.from_numpy(np_keys.astype(np.int64)), pos=int(np_pos),
-                           has_gauss=int(np_has_gauss), cached_gaussian=float(np_cached)),
-        python      = dict(version=py_version, internal=torch.tensor(py_internal, dtype=torch.int64), gauss_next=py_gauss),
-    )
-
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state['torch_cpu'])
-    if device.type == 'cuda' and state['torch_cuda'] is not None:
-        torch.cuda.set_rng_state(state['torch_cuda'], device)
-    np_state = state['numpy']
-    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
-                         np_state['has_gauss'], np_state['cached_gaussian']))
-    py_state = state['python']
-    random.setstate((py_state['version'], tuple(py_state['internal'].tolist()), py_state['gauss_next']))
-
-
 def _param_digest(module):
     """(sum, sum of squares) of all parameters in float64: equal on every rank while DDP keeps them in sync."""
     flat = torch.cat([p.detach().flatten().to(torch.float64) for p in module.parameters()])
@@ -199,10 +146,6 @@ def _gather_objects(obj):
     gathered = [None] * distributed.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _cpu_state_dict(module):
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in module.state_dict().items()}
 
 
 def _cpu_sec(process):
@@ -238,41 +181,36 @@ def training_loop(
     resume_state        = None,         # Training state to continue exactly (--resume).
     cudnn_benchmark     = True,         # cuDNN autotuning on CUDA.
     allow_tf32          = False,        # TF32 matmuls/convolutions on CUDA (off: float32 stays float32).
-    precision           = 'fp32',       # 'fp32', 'fp16' (the network's use_fp16) or 'bf16' (autocast).
+    precision           = 'fp32',       # 'fp32', 'fp16' (the network's use_fp16) or 'bf16' (autocast); see PRECISIONS.
     compile             = False,        # torch.compile the inner network.
     device              = None,         # 'cpu' or 'cuda'; None = the device distributed.init() chose.
+    resume              = None,         # The state at resume_state when the caller has read it; None = read it here.
+    transfer            = None,         # The snapshot at resume_pkl when the caller has read it; None = read it here.
 ):
     """Train until `total_kimg` or a SIGINT/SIGTERM; returns a summary of the last tick."""
-    run_options = json.loads(json.dumps(dict(locals()), default=str))  # the arguments, recorded in every state
+    options = dict(
+        run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs,
+        network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs,
+        augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg,
+        ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg,
+        loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
+        state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
+        cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device)
+    options = json.loads(json.dumps(options, default=str))  # plain JSON values, recorded in every state
     start_time = time.time()
-    if device is None:
-        device = distributed.get_device()
-    else:
-        device = torch.device(device)
-        if device.type == distributed.get_device().type:
-            device = distributed.get_device()  # carries the local rank's CUDA index
+    device = _training_device(device)
     rank = distributed.get_rank()
     world_size = distributed.get_world_size()
-    torch.manual_seed(seed)  # the same initial weights whatever the number of processes
-    np.random.seed((seed * world_size + rank) % (1 << 31))
-    random.seed(np.random.randint(1 << 31))
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-
+    _seed_and_configure_torch(seed, rank, world_size, cudnn_benchmark, allow_tf32)
+    batch_gpu, num_rounds = batch_rounds(batch_size, batch_gpu, world_size)
     batch_per_process = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_per_process:
-        batch_gpu = batch_per_process
-    num_rounds = batch_per_process // batch_gpu
-    if batch_size != batch_gpu * num_rounds * world_size:
-        raise ValueError(f'batch_size={batch_size} is not batch_gpu={batch_gpu} × rounds × {world_size} processes')
 
-    resume = None
-    if resume_state is not None:
-        resume = load_training_state(resume_state)
-    cur_nimg = resume['cur_nimg'] if resume else 0
-    cur_step = resume['cur_step'] if resume else 0
+    if resume is None and resume_state is not None:
+        resume = checkpoints.load_training_state(resume_state)
+    counters = Counters()
+    if resume is not None:
+        counters = Counters(cur_nimg=resume['cur_nimg'], cur_step=resume['cur_step'], cur_tick=0,
+                            tick_start_nimg=resume['cur_nimg'])
 
     distributed.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
@@ -287,11 +225,7 @@ def training_loop(
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
     if distributed.is_main():
-        with torch.no_grad():
-            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([batch_gpu], device=device)
-            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+        _print_network_summary(net, batch_gpu, device)
 
     distributed.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
@@ -301,32 +235,17 @@ def training_loop(
 
     if resume_pkl is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
-        with dnnlib.util.open_url(resume_pkl, verbose=distributed.is_main()) as f:
-            data = persistence.load_network_pickle(f)
-        try:
-            check_transferable(data, net)
-        except TrainingStateError as err:
-            raise TrainingStateError(f'{resume_pkl}: {err}') from None
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
-        del data
-    tick_start_nimg = cur_nimg
-    cur_tick = 0
+        if transfer is None:
+            transfer = checkpoints.load_transfer(resume_pkl, net, verbose=distributed.is_main())
+        misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=ema, require_all=False)
+        del transfer
     time_offset_sec = 0.0                   # training time of the runs this one resumes
     if resume is not None:
         distributed.print0(f'Loading training state from "{resume_state}"...')
-        try:
-            net.load_state_dict(resume['net'])
-            ema.load_state_dict(resume['ema'])
-            optimizer.load_state_dict(resume['optimizer'])
-            loss_fn.load_state_dict(resume['loss_fn'])
-            if augment_pipe is not None and resume['augment_pipe'] is not None:
-                augment_pipe.load_state_dict(resume['augment_pipe'])
-        except (RuntimeError, ValueError, KeyError) as err:
-            reason = str(err).strip().splitlines()[0]
-            raise TrainingStateError(f'{resume_state} does not fit this network/optimizer: {reason}') from None
-        cur_tick = resume['cur_tick']
-        tick_start_nimg = resume['tick_start_nimg']
+        checkpoints.restore_training_state(resume, resume_state, net, ema, optimizer, loss_fn, augment_pipe)
+        counters.cur_tick = resume['cur_tick']
+        counters.tick_start_nimg = resume['tick_start_nimg']
         time_offset_sec = resume['total_time_sec']
 
     ddp = net
@@ -335,74 +254,39 @@ def training_loop(
                                                         broadcast_buffers=False)
     if compile:
         net.model.compile()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
-    net_params = list(net.parameters())
-    ema_params = list(ema.parameters())
-    net_buffers = [b for b in net.buffers() if b.is_floating_point()]
-    ema_buffers = [b for b in ema.buffers() if b.is_floating_point()]
+    autocast_dtype = PRECISIONS[precision].train_autocast
+    autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    ema_update = _EMAUpdate(net, ema)
     stop = _StopRequest()
 
     if resume is not None:
         if resume['world_size'] == world_size:
-            _set_rng_state(resume['rng_states'][rank], device)
+            checkpoints.set_rng_state(resume['rng_states'][rank], device)
         else:
             distributed.print0(f'Note: the state was written by {resume["world_size"]} processes; '
                                f'random generators start afresh')
         del resume
 
-    stats_jsonl = None
-    if run_dir is not None and distributed.is_main():
-        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-
     def save_state():
-        rng_states = _gather_objects(_rng_state(device))
+        rng_states = _gather_objects(checkpoints.rng_state(device))
         digests = _gather_objects(_param_digest(net))
         if any(digest != digests[0] for digest in digests):
             distributed.print0(f'Warning: the processes hold different parameters: {digests}')
-        if not distributed.is_main():
-            return
-        state = dict(
-            format          = STATE_FORMAT,
-            version         = STATE_VERSION,
-            net             = _cpu_state_dict(net),
-            ema             = _cpu_state_dict(ema),
-            optimizer       = optimizer.state_dict(),
-            loss_fn         = loss_fn.state_dict(),
-            augment_pipe    = augment_pipe.state_dict() if hasattr(augment_pipe, 'state_dict') else None,
-            cur_nimg        = cur_nimg,
-            cur_step        = cur_step,
-            cur_tick        = cur_tick,
-            tick_start_nimg = tick_start_nimg,
-            sampler_nimg    = cur_nimg,
-            total_time_sec  = time_offset_sec + time.time() - start_time,
-            rng_states      = rng_states,
-            world_size      = world_size,
-            param_digests   = digests,
-            options         = run_options,
-        )
-        with dnnlib.util.atomic_write(os.path.join(run_dir, state_name(cur_nimg)), 'wb') as f:
-            torch.save(state, f)
-
-    def save_snapshot():
-        data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-        for key, value in data.items():
-            if isinstance(value, torch.nn.Module):
-                value = copy.deepcopy(value).eval().requires_grad_(False)
-                if world_size > 1:
-                    misc.check_ddp_consistency(value)
-                data[key] = value.cpu()
         if distributed.is_main():
-            persistence.save_network_pickle(os.path.join(run_dir, snapshot_name(cur_nimg)), data)
+            checkpoints.save_training_state(
+                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg)), net, ema, optimizer, loss_fn,
+                augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
+                world_size, digests, options)
 
+    stats_jsonl = None
+    if run_dir is not None and distributed.is_main():
+        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
     total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
-    distributed.print0(f'Training for {total_kimg:g} kimg from {cur_nimg / 1000:g} kimg...')
+    distributed.print0(f'Training for {total_kimg:g} kimg from {counters.cur_nimg / 1000:g} kimg...')
     distributed.print0()
-    process = psutil.Process()
-    tick_start_time = time.time()
-    tick_start_cpu_sec = _cpu_sec(process)
-    maintenance_sec = tick_start_time - start_time
-    summary = dnnlib.EasyDict(cur_nimg=cur_nimg, cur_step=cur_step, stopped=False)
+    tick_timer = _TickTimer(start_time, time_offset_sec)
+    summary = dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, stopped=False)
     stop.install()
     try:
         while True:
@@ -413,92 +297,44 @@ def training_loop(
                     images, labels = next(dataset_iterator)
                     images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
                     labels = labels.to(device, non_blocking=True)
-                    torch.manual_seed(_pass_seed(seed, cur_step, rank * num_rounds + round_idx))
+                    torch.manual_seed(_pass_seed(seed, counters.cur_step, rank * num_rounds + round_idx))
                     with torch.autocast(**autocast):
                         loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
                     training_stats.report('Loss/loss', loss)
                     loss.sum().mul(loss_scaling / batch_per_process).backward()
-            lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            lr = optimizer_kwargs['lr'] * min(counters.cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            for param in net_params:
+            for param in ema_update.net_params:
                 if param.grad is not None:
                     torch.nan_to_num(param.grad, nan=0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT, out=param.grad)
             optimizer.step()
             loss_fn.advance()
+            ema_update(counters.cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
 
-            ema_halflife_nimg = ema_halflife_kimg * 1000
-            if ema_rampup_ratio is not None:
-                ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-            ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, net_params, 1 - ema_beta)
-                if net_buffers:
-                    torch._foreach_copy_(ema_buffers, net_buffers)
-
-            cur_nimg += batch_size
-            cur_step += 1
-            finished = cur_nimg >= total_nimg
+            counters.cur_nimg += batch_size
+            counters.cur_step += 1
+            finished = counters.cur_nimg >= total_nimg
             stopping = stop.agreed()
-            if not (finished or stopping or cur_tick == 0 or cur_nimg >= tick_start_nimg + nimg_per_tick):
+            if not (finished or stopping or counters.cur_tick == 0
+                    or counters.cur_nimg >= counters.tick_start_nimg + nimg_per_tick):
                 continue
 
-            # Progress tick.
-            tick_end_time = time.time()
-            tick_sec = tick_end_time - tick_start_time
-            sec_per_kimg = tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1000
-            cpu_sec_per_kimg = (_cpu_sec(process) - tick_start_cpu_sec) / max(cur_nimg - tick_start_nimg, 1) * 1000
-            total_time_sec = time_offset_sec + tick_end_time - start_time
-            cpu_mem_gb = process.memory_info().rss / 2**30
-            gpu_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
-            training_stats.report0('Progress/tick', cur_tick)
-            training_stats.report0('Progress/kimg', cur_nimg / 1e3)
-            training_stats.report0('Timing/total_sec', total_time_sec)
-            training_stats.report0('Timing/sec_per_tick', tick_sec)
-            training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
-            training_stats.report0('Timing/cpu_sec_per_kimg', cpu_sec_per_kimg)
-            training_stats.report0('Timing/maintenance_sec', maintenance_sec)
-            training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
-            training_stats.report0('Resources/peak_cpu_mem_gb', _peak_cpu_mem_gb())
-            training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem_gb)
-            training_stats.default_collector.update()
-            loss_mean = training_stats.default_collector.mean('Loss/loss')
-            eta_sec = max(total_nimg - cur_nimg, 0) / 1000 * sec_per_kimg
-            fields = [
-                f'tick {cur_tick:<5d}',
-                f'kimg {cur_nimg / 1e3:<9.3f}',
-                f'time {dnnlib.util.format_time(total_time_sec):<12s}',
-                f'sec/tick {tick_sec:<7.1f}',
-                f'sec/kimg {sec_per_kimg:<7.2f}',
-                f'eta {dnnlib.util.format_time(eta_sec):<12s}',
-                f'maintenance {maintenance_sec:<6.1f}',
-                f'cpumem {cpu_mem_gb:<6.2f}',
-            ]
-            if device.type == 'cuda':
-                fields.append(f'gpumem {gpu_mem_gb:<6.2f}')
-                torch.cuda.reset_peak_memory_stats(device)
-            fields.append(f'loss {loss_mean:<8.4f}')
-            distributed.print0(' '.join(fields))
-            summary = dnnlib.EasyDict(cur_nimg=cur_nimg, cur_step=cur_step, cur_tick=cur_tick, stopped=stopping,
-                                      sec_per_kimg=sec_per_kimg, peak_cpu_mem_gb=_peak_cpu_mem_gb(),
-                                      peak_gpu_mem_gb=gpu_mem_gb, loss=loss_mean)
-
+            summary = _report_tick(tick_timer, counters, total_nimg, device, stopping)
             # Counters move first, so that a state written now resumes at the next tick.
-            ended_tick = cur_tick
-            cur_tick += 1
-            tick_start_nimg = cur_nimg
+            ended_tick = counters.cur_tick
+            counters.cur_tick += 1
+            counters.tick_start_nimg = counters.cur_nimg
             if run_dir is not None:
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
-                    save_snapshot()
+                    _save_snapshot(run_dir, counters.cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs, world_size)
                 if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
                                             and ended_tick != 0):
                     save_state()
             if stats_jsonl is not None:
                 stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
-            tick_start_time = time.time()
-            tick_start_cpu_sec = _cpu_sec(process)
-            maintenance_sec = tick_start_time - tick_end_time
+            tick_timer.start_tick()
             if finished or stopping:
                 break
     finally:
@@ -511,3 +347,127 @@ def training_loop(
     else:
         distributed.print0('Exiting...')
     return summary
+
+
+def _training_device(device):
+    """The torch device to train on; None = the one distributed.init() chose (with the local rank's CUDA index)."""
+    if device is None:
+        return distributed.get_device()
+    device = torch.device(device)
+    if device.type == distributed.get_device().type:
+        device = distributed.get_device()  # carries the local rank's CUDA index
+    return device
+
+
+def _seed_and_configure_torch(seed, rank, world_size, cudnn_benchmark, allow_tf32):
+    torch.manual_seed(seed)  # the same initial weights whatever the number of processes
+    np.random.seed((seed * world_size + rank) % (1 << 31))
+    random.seed(np.random.randint(1 << 31))
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+
+def _print_network_summary(net, batch_gpu, device):
+    with torch.no_grad():
+        images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        sigma = torch.ones([batch_gpu], device=device)
+        labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+        misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+
+
+class _EMAUpdate:
+    """Moves the EMA network towards the trained one after each step; floating-point buffers are copied."""
+
+    def __init__(self, net, ema):
+        self.net_params = list(net.parameters())
+        self.ema_params = list(ema.parameters())
+        self.net_buffers = [b for b in net.buffers() if b.is_floating_point()]
+        self.ema_buffers = [b for b in ema.buffers() if b.is_floating_point()]
+
+    def __call__(self, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
+        ema_halflife_nimg = ema_halflife_kimg * 1000
+        if ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
+        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.net_params, 1 - ema_beta)
+            if self.net_buffers:
+                torch._foreach_copy_(self.ema_buffers, self.net_buffers)
+
+
+def _save_snapshot(run_dir, cur_nimg, ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
+    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module):
+            value = copy.deepcopy(value).eval().requires_grad_(False)
+            if world_size > 1:
+                misc.check_ddp_consistency(value)
+            data[key] = value.cpu()
+    if distributed.is_main():
+        checkpoints.save_network_pickle(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg)), data)
+
+
+class _TickTimer:
+    """Wall and CPU time of the current tick, and the maintenance time (snapshots, states) between ticks."""
+
+    def __init__(self, start_time, time_offset_sec):
+        self.process = psutil.Process()
+        self.start_time = start_time
+        self.time_offset_sec = time_offset_sec  # training time of the runs this one resumes
+        self.tick_start_time = time.time()
+        self.tick_start_cpu_sec = _cpu_sec(self.process)
+        self.maintenance_sec = self.tick_start_time - start_time
+        self.tick_end_time = None
+
+    def end_tick(self):
+        self.tick_end_time = time.time()
+        return self.tick_end_time - self.tick_start_time
+
+    def start_tick(self):
+        self.tick_start_time = time.time()
+        self.tick_start_cpu_sec = _cpu_sec(self.process)
+        self.maintenance_sec = self.tick_start_time - self.tick_end_time
+
+
+def _report_tick(timer, counters, total_nimg, device, stopping):
+    """Report the tick's statistics, print its progress line and return the run's summary so far."""
+    tick_sec = timer.end_tick()
+    tick_nimg = max(counters.cur_nimg - counters.tick_start_nimg, 1)
+    sec_per_kimg = tick_sec / tick_nimg * 1000
+    cpu_sec_per_kimg = (_cpu_sec(timer.process) - timer.tick_start_cpu_sec) / tick_nimg * 1000
+    total_time_sec = timer.time_offset_sec + timer.tick_end_time - timer.start_time
+    cpu_mem_gb = timer.process.memory_info().rss / 2**30
+    gpu_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+    training_stats.report0('Progress/tick', counters.cur_tick)
+    training_stats.report0('Progress/kimg', counters.cur_nimg / 1e3)
+    training_stats.report0('Timing/total_sec', total_time_sec)
+    training_stats.report0('Timing/sec_per_tick', tick_sec)
+    training_stats.report0('Timing/sec_per_kimg', sec_per_kimg)
+    training_stats.report0('Timing/cpu_sec_per_kimg', cpu_sec_per_kimg)
+    training_stats.report0('Timing/maintenance_sec', timer.maintenance_sec)
+    training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
+    training_stats.report0('Resources/peak_cpu_mem_gb', _peak_cpu_mem_gb())
+    training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem_gb)
+    training_stats.default_collector.update()
+    loss_mean = training_stats.default_collector.mean('Loss/loss')
+    eta_sec = max(total_nimg - counters.cur_nimg, 0) / 1000 * sec_per_kimg
+    fields = [
+        f'tick {counters.cur_tick:<5d}',
+        f'kimg {counters.cur_nimg / 1e3:<9.3f}',
+        f'time {dnnlib.util.format_time(total_time_sec):<12s}',
+        f'sec/tick {tick_sec:<7.1f}',
+        f'sec/kimg {sec_per_kimg:<7.2f}',
+        f'eta {dnnlib.util.format_time(eta_sec):<12s}',
+        f'maintenance {timer.maintenance_sec:<6.1f}',
+        f'cpumem {cpu_mem_gb:<6.2f}',
+    ]
+    if device.type == 'cuda':
+        fields.append(f'gpumem {gpu_mem_gb:<6.2f}')
+        torch.cuda.reset_peak_memory_stats(device)
+    fields.append(f'loss {loss_mean:<8.4f}')
+    distributed.print0(' '.join(fields))
+    return dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, cur_tick=counters.cur_tick,
+                           stopped=stopping, sec_per_kimg=sec_per_kimg, peak_cpu_mem_gb=_peak_cpu_mem_gb(),
+                           peak_gpu_mem_gb=gpu_mem_gb, loss=loss_mean)

@@ -1,5 +1,6 @@
-"""torch_utils/persistence.py: our snapshots round-trip, published pickles load without running their code,
-anything else is refused before it runs, damaged files give one-line errors naming the file."""
+"""training/checkpoints.py and the pickle names of torch_utils/persistence.py: our snapshots round-trip,
+published pickles load without running their code, anything else is refused before it runs, damaged files
+give one-line errors naming the file."""
 
 import contextlib
 import copy
@@ -12,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from training import loss, networks
+from training import checkpoints, loss, networks
 
 SMALL_SONG = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 SMALL_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
@@ -20,6 +21,8 @@ SMALL_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 
 
 def small_net(class_name='EDMPrecond', arch=SMALL_SONG, **kwargs):
     """A small conditional network in eval mode with every weight perturbed, so that every path shows in the output."""
+    if class_name.startswith('FDM_'):
+        kwargs.setdefault('fdm_multiplier', 2.0)  # explicit, as published train.py always passes it
     torch.manual_seed(0)
     net = getattr(networks, class_name)(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, **arch, **kwargs)
     generator = torch.Generator().manual_seed(1)
@@ -40,7 +43,7 @@ def net_output(net):
 
 
 def save(path, data):
-    persistence.save_network_pickle(path, data)
+    checkpoints.save_network_pickle(path, data)
     return path
 
 
@@ -104,7 +107,7 @@ class StorageBytes:
 def test_snapshot_round_trips_through_load_network_pickle(tmp_path):
     net = small_net()
     path = save(tmp_path / 'network-snapshot-000000.pkl', dict(ema=net, dataset_kwargs=dict(path='data.zip', xflip=False)))
-    data = persistence.load_network_pickle(path)
+    data = checkpoints.load_network_pickle(path)
     assert type(data['ema']) is networks.EDMPrecond
     assert torch.equal(net_output(data['ema']), net_output(net))
     assert data['dataset_kwargs'] == dict(path='data.zip', xflip=False)
@@ -123,12 +126,12 @@ def test_snapshot_reads_from_an_open_file(tmp_path):
     net = small_net()
     path = save(tmp_path / 'snapshot.pkl', dict(ema=net))
     with open(path, 'rb') as f:
-        assert torch.equal(net_output(persistence.load_network_pickle(f)['ema']), net_output(net))
+        assert torch.equal(net_output(checkpoints.load_network_pickle(f)['ema']), net_output(net))
 
 
 def test_snapshot_keeps_eval_mode_and_requires_grad_flags(tmp_path):
     path = save(tmp_path / 'snapshot.pkl', dict(ema=small_net()))
-    ema = persistence.load_network_pickle(path)['ema']
+    ema = checkpoints.load_network_pickle(path)['ema']
     assert not ema.training and not any(module.training for module in ema.modules())
     assert not any(param.requires_grad for param in ema.parameters())
 
@@ -138,7 +141,7 @@ def test_snapshot_restores_loss_state(tmp_path):
     for _ in range(3):
         loss_fn.advance()
     path = save(tmp_path / 'snapshot.pkl', dict(ema=small_net(), loss_fn=loss_fn))
-    restored = persistence.load_network_pickle(path)['loss_fn']
+    restored = checkpoints.load_network_pickle(path)['loss_fn']
     assert type(restored) is loss.EDMLoss
     assert restored.P_mean == -1.0 and restored.state_dict() == {'step': 3}
 
@@ -146,7 +149,7 @@ def test_snapshot_restores_loss_state(tmp_path):
 def test_snapshot_keeps_easydict_dataset_kwargs(tmp_path):
     kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='data.zip')
     path = save(tmp_path / 'snapshot.pkl', dict(ema=small_net(), dataset_kwargs=kwargs))
-    restored = persistence.load_network_pickle(path)['dataset_kwargs']
+    restored = checkpoints.load_network_pickle(path)['dataset_kwargs']
     assert type(restored) is dnnlib.EasyDict and restored == kwargs
 
 
@@ -175,14 +178,14 @@ def test_deepcopy_of_a_cuda_network_stays_on_cuda():
 def test_pickle_of_a_cuda_network_loads_on_the_cpu(tmp_path, write):
     net = small_net()
     path = write(tmp_path / 'snapshot.pkl', dict(ema=copy.deepcopy(net).cuda()))
-    ema = persistence.load_network_pickle(path)['ema']
+    ema = checkpoints.load_network_pickle(path)['ema']
     assert all(not tensor.is_cuda for tensor in ema.state_dict().values())
     assert torch.equal(net_output(ema), net_output(net))
 
 
 def test_save_network_pickle_refuses_a_dict_without_ema(tmp_path):
     with pytest.raises(ValueError, match='ema'):
-        persistence.save_network_pickle(tmp_path / 'snapshot.pkl', dict(net=small_net()))
+        checkpoints.save_network_pickle(tmp_path / 'snapshot.pkl', dict(net=small_net()))
     assert not os.listdir(tmp_path)
 
 
@@ -191,7 +194,7 @@ def test_published_pickle_loads_into_our_class_without_running_module_src(tmp_pa
     net = small_net(class_name, arch)
     marker = tmp_path / 'module_src_ran'
     path = write_published(tmp_path / 'published.pkl', dict(ema=net, dataset_kwargs=dict(resolution=16)), marker)
-    data = persistence.load_network_pickle(path)
+    data = checkpoints.load_network_pickle(path)
     assert type(data['ema']) is type(net)
     assert torch.equal(net_output(data['ema']), net_output(net))
     assert data['dataset_kwargs'] == dict(resolution=16)
@@ -202,7 +205,7 @@ def test_published_pickle_written_with_protocol_1_loads(tmp_path):
     net = small_net()
     marker = tmp_path / 'module_src_ran'
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), marker, protocol=1)
-    assert torch.equal(net_output(persistence.load_network_pickle(path)['ema']), net_output(net))
+    assert torch.equal(net_output(checkpoints.load_network_pickle(path)['ema']), net_output(net))
     assert not marker.exists()
 
 
@@ -220,16 +223,25 @@ def test_published_pickle_through_plain_pickle_load_never_runs_module_src(tmp_pa
 def test_published_ve_fdm_loads_with_multiplier_one(tmp_path):
     net = small_net('FDM_VEPrecond', fdm_multiplier=2.0)
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
-    ema = persistence.load_network_pickle(path)['ema']
+    ema = checkpoints.load_network_pickle(path)['ema']
     assert ema.fdm_multiplier == 1
     net.fdm_multiplier = 1.0  # what the published VE-FDM code computed with these weights
+    assert torch.equal(net_output(ema), net_output(net))
+
+
+@pytest.mark.parametrize('class_name', ['FDM_EDMPrecond', 'FDM_VPPrecond'])
+def test_published_fdm_pickle_without_multiplier_uses_the_published_default(tmp_path, class_name):
+    net = small_net(class_name, fdm_multiplier=1.0)  # upstream's default m; ours is 2
+    path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker', drop_kwargs=('fdm_multiplier',))
+    ema = checkpoints.load_network_pickle(path)['ema']
+    assert ema.fdm_multiplier == 1
     assert torch.equal(net_output(ema), net_output(net))
 
 
 def test_published_model_type_defaults_to_the_pickled_inner_network(tmp_path):
     net = small_net('EDMPrecond', SMALL_ADM)  # our EDMPrecond defaults to SongUNet, upstream's to DhariwalUNet
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker', drop_kwargs=('model_type',))
-    ema = persistence.load_network_pickle(path)['ema']
+    ema = checkpoints.load_network_pickle(path)['ema']
     assert type(ema.model) is networks.DhariwalUNet
     assert torch.equal(net_output(ema), net_output(net))
 
@@ -250,7 +262,7 @@ class PublishedEDMLoss:
 def test_published_loss_is_rebuilt_from_its_arguments(tmp_path):
     data = dict(ema=small_net(), loss_fn=PublishedEDMLoss(P_std=1.1, warmup_ite=50))
     path = write_published(tmp_path / 'published.pkl', data, tmp_path / 'marker', rename={'PublishedEDMLoss': 'EDMLoss'})
-    restored = persistence.load_network_pickle(path)['loss_fn']
+    restored = checkpoints.load_network_pickle(path)['loss_fn']
     assert type(restored) is loss.EDMLoss and restored.P_std == 1.1
 
 
@@ -258,14 +270,14 @@ def test_published_unknown_loss_is_left_out_with_a_warning(tmp_path):
     data = dict(ema=small_net(), loss_fn=PublishedEDMLoss(warmup_ite=50))
     path = write_published(tmp_path / 'published.pkl', data, tmp_path / 'marker', rename={'PublishedEDMLoss': 'FancyLoss'})
     with pytest.warns(UserWarning, match="leaving out 'loss_fn'.*FancyLoss"):
-        data = persistence.load_network_pickle(path)
+        data = checkpoints.load_network_pickle(path)
     assert set(data) == {'ema'}
 
 
 def test_published_unknown_network_class_is_refused_by_name(tmp_path):
     path = write_published(tmp_path / 'published.pkl', dict(ema=small_net()), tmp_path / 'marker', rename={'EDMPrecond': 'StyleGAN3Generator'})
-    with pytest.raises(persistence.UnsafePickleError, match='StyleGAN3Generator') as info:
-        persistence.load_network_pickle(path)
+    with pytest.raises(checkpoints.UnsafePickleError, match='StyleGAN3Generator') as info:
+        checkpoints.load_network_pickle(path)
     assert str(path) in str(info.value)
 
 
@@ -274,7 +286,7 @@ def test_published_pickle_with_missing_parameters_is_refused(tmp_path):
     del net.model.map_layer0._parameters['bias']
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
     with pytest.raises(ValueError, match='map_layer0.bias'):
-        persistence.load_network_pickle(path)
+        checkpoints.load_network_pickle(path)
 
 
 @pytest.mark.parametrize('payload, refused_name', [
@@ -291,8 +303,8 @@ def test_code_in_a_pickle_is_refused_and_never_runs(tmp_path, payload, refused_n
     marker = tmp_path / 'marker'
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=payload(marker))))
-    with pytest.raises(persistence.UnsafePickleError, match=refused_name) as info:
-        persistence.load_network_pickle(path)
+    with pytest.raises(checkpoints.UnsafePickleError, match=refused_name) as info:
+        checkpoints.load_network_pickle(path)
     assert str(path) in str(info.value) and '\n' not in str(info.value)
     assert not marker.exists()
 
@@ -301,16 +313,16 @@ def test_code_hidden_after_a_valid_network_is_refused(tmp_path):
     marker = tmp_path / 'marker'
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=small_net(), dataset_kwargs=dict(hook=Shell(marker)))))
-    with pytest.raises(persistence.UnsafePickleError, match='system'):
-        persistence.load_network_pickle(path)
+    with pytest.raises(checkpoints.UnsafePickleError, match='system'):
+        checkpoints.load_network_pickle(path)
     assert not marker.exists()
 
 
 def test_untrusted_module_in_our_format_is_refused(tmp_path):
     path = tmp_path / 'evil.pkl'
     path.write_bytes(pickle.dumps(dict(ema=_ReconstructCall('os', 'system'))))
-    with pytest.raises(persistence.UnsafePickleError, match='os.system'):
-        persistence.load_network_pickle(path)
+    with pytest.raises(checkpoints.UnsafePickleError, match='os.system'):
+        checkpoints.load_network_pickle(path)
 
 
 class _ReconstructCall:
@@ -325,7 +337,7 @@ def test_truncated_file_error_names_the_file(tmp_path):
     path = save(tmp_path / 'snapshot.pkl', dict(ema=small_net()))
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     with pytest.raises(ValueError, match='truncated') as info:
-        persistence.load_network_pickle(path)
+        checkpoints.load_network_pickle(path)
     assert str(path) in str(info.value) and '\n' not in str(info.value)
 
 
@@ -333,23 +345,23 @@ def test_corrupt_file_error_names_the_file(tmp_path):
     path = tmp_path / 'noise.pkl'
     path.write_bytes(b'this is not a pickle at all')
     with pytest.raises(ValueError, match='noise.pkl'):
-        persistence.load_network_pickle(path)
+        checkpoints.load_network_pickle(path)
 
 
 def test_missing_file_error_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match='absent.pkl'):
-        persistence.load_network_pickle(tmp_path / 'absent.pkl')
+        checkpoints.load_network_pickle(tmp_path / 'absent.pkl')
 
 
 def test_non_dict_payload_is_refused(tmp_path):
     path = tmp_path / 'list.pkl'
     path.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(ValueError, match='list.pkl.*found a list'):
-        persistence.load_network_pickle(path)
+        checkpoints.load_network_pickle(path)
 
 
 def test_dict_without_ema_names_its_keys(tmp_path):
     path = tmp_path / 'stylegan.pkl'
     path.write_bytes(pickle.dumps(dict(G=1, D=2)))
     with pytest.raises(ValueError, match=r"stylegan.pkl.*\['D', 'G'\]"):
-        persistence.load_network_pickle(path)
+        checkpoints.load_network_pickle(path)

@@ -1,0 +1,71 @@
+"""torch_utils/cpu_runtime.py: OpenMP waiting chosen by the machine's load, freed memory kept for reuse."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from torch_utils import cpu_runtime
+
+
+@pytest.fixture
+def clean_environ(monkeypatch):
+    for name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'OMP_NUM_THREADS'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    return monkeypatch
+
+
+def test_idle_cpus_keep_the_openmp_default(clean_environ):
+    clean_environ.setattr(os, 'getloadavg', lambda: (0.2, 0.2, 0.2))
+    assert 'idle' in cpu_runtime.choose_openmp_wait_policy()
+    assert 'OMP_WAIT_POLICY' not in os.environ
+
+
+def test_busy_cpus_make_idle_threads_sleep(clean_environ):
+    clean_environ.setattr(os, 'getloadavg', lambda: (1.5, 1.0, 1.0))
+    assert cpu_runtime.choose_openmp_wait_policy().startswith('PASSIVE')
+    assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'
+
+
+def test_one_thread_beside_one_busy_core_is_not_contention(clean_environ):
+    clean_environ.setenv('OMP_NUM_THREADS', '1')
+    clean_environ.setattr(os, 'getloadavg', lambda: (1.0, 1.0, 1.0))
+    assert not cpu_runtime.cpus_busy()
+
+
+@pytest.mark.parametrize('name, value', [('OMP_WAIT_POLICY', 'ACTIVE'), ('GOMP_SPINCOUNT', '1000')])
+def test_a_users_setting_is_kept(clean_environ, name, value):
+    clean_environ.setenv(name, value)
+    clean_environ.setattr(os, 'getloadavg', lambda: (9.0, 9.0, 9.0))
+    assert 'set by the user' in cpu_runtime.choose_openmp_wait_policy()
+    assert os.environ[name] == value and os.environ.get('OMP_WAIT_POLICY', value) == value
+
+
+def _page_faults_of_a_step_like_loop(keep_freed_memory):
+    """Minor page faults of 5 passes that allocate and free 8 activation-sized (4 MiB) tensors, as a step does."""
+    code = (
+        'import resource, torch\n'
+        'from torch_utils import cpu_runtime\n'
+        f'assert {keep_freed_memory} is False or cpu_runtime.keep_freed_memory()\n'
+        'def step():\n'
+        '    tensors = [torch.ones(1 << 20) for _ in range(8)]\n'
+        'step()\n'
+        'before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
+        'for _ in range(5):\n'
+        '    step()\n'
+        'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n'
+    )
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='mallopt is glibc')
+def test_freed_memory_is_reused_without_fresh_page_faults():
+    default_faults = _page_faults_of_a_step_like_loop(False)
+    kept_faults = _page_faults_of_a_step_like_loop(True)
+    assert default_faults > 5 * 1024  # freed 4 MiB tensors went back to the kernel and fault in again
+    assert kept_faults < default_faults / 10

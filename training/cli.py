@@ -1,0 +1,173 @@
+"""What the command-line tools share: seed lists and their sharding over ranks, rank-0-first loading, the device
+and precision choice, the sampler options as one click decorator, and reading a network for sampling."""
+
+import re
+
+import click
+import numpy as np
+
+import dnnlib
+from torch_utils import distributed
+from training import checkpoints
+from training import sampling
+from training.precision import PRECISIONS, default_sampling_precision
+
+
+def parse_int_list(text):
+    """'1,2,2' or '0-3' ranges → [1, 2, 2] / [0, 1, 2, 3]."""
+    if isinstance(text, list):
+        return text
+    values = []
+    for part in text.split(','):
+        match = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
+        if match:
+            values.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+        else:
+            try:
+                values.append(int(part))
+            except ValueError:
+                raise click.BadParameter(f'{text!r} is not a comma-separated list of integers') from None
+    return values
+
+
+class SeedList(click.ParamType):
+    """Comma-separated seeds and inclusive ranges, e.g. '0-63,100'; duplicates are dropped, order is kept."""
+
+    name = 'seeds'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        seeds = []
+        for item in str(value).split(','):
+            match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', item)
+            if match is None:
+                self.fail(f'{item!r} is not a non-negative integer or a range a-b (e.g. 0-63,100)', param, ctx)
+            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+            if last < first:
+                self.fail(f'range {item!r} is empty: its end is below its start', param, ctx)
+            seeds.extend(range(first, last + 1))
+        return list(dict.fromkeys(seeds))
+
+
+def split_seeds(seeds, max_batch_size, rank, world_size):
+    """This rank's batches: the seeds split into a multiple of world_size near-equal batches, dealt round-robin.
+
+    Returns (this rank's batches, all batches); with fewer seeds than ranks some batches are empty.
+    """
+    num_batches = (max(len(seeds) - 1, 0) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = np.array_split(np.array(seeds, dtype=np.int64), num_batches)
+    return all_batches[rank::world_size], all_batches
+
+
+def rank0_first(fn):
+    """Run `fn` on rank 0 first (it fills download caches), then on the others; rank 0 releases them even on failure."""
+    if not distributed.is_main():
+        distributed.barrier()
+    try:
+        return fn()
+    finally:
+        if distributed.is_main():
+            distributed.barrier()
+
+
+def init_device(device, precision=None):
+    """Join the process group on `device` (None = cuda if available) and check the sampling precision for it.
+
+    Returns (device, precision) with the precision's default filled in.
+    """
+    try:
+        device = distributed.init(device)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint='--device') from None
+    precision = precision or default_sampling_precision(device)
+    if precision != 'fp32' and device.type != 'cuda':
+        raise click.BadParameter(f'{precision} needs a CUDA device; this run uses {device.type}', param_hint='--precision')
+    return device, precision
+
+
+def load_network(network_url, device):
+    """The EMA network of a snapshot (ours or a published FDM/EDM pickle), read without running code from it."""
+    try:
+        with dnnlib.util.open_url(network_url, verbose=distributed.is_main()) as f:
+            snapshot = checkpoints.load_network_pickle(f)
+    except Exception as error:  # a file we cannot read or refuse to read is the user's input, not a bug
+        raise click.ClickException(f'--network {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
+    if not isinstance(snapshot, dict) or 'ema' not in snapshot:
+        raise click.ClickException(f'--network {network_url}: the pickle holds no \'ema\' network')
+    return snapshot['ema'].eval().requires_grad_(False).to(device)
+
+
+# The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
+SAMPLER_OPTIONS = [
+    ('class_idx',      '--class',     dict(help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))),
+    ('num_steps',      '--steps',     dict(help='Number of sampling steps  [default: 18]', metavar='INT', type=int)),
+    ('sigma_min',      '--sigma_min', dict(help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
+    ('sigma_max',      '--sigma_max', dict(help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
+    ('rho',            '--rho',       dict(help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
+    ('S_churn',        '--S_churn',   dict(help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))),
+    ('S_min',          '--S_min',     dict(help='Stochastic min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))),
+    ('S_max',          '--S_max',     dict(help='Stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))),
+    ('S_noise',        '--S_noise',   dict(help='Stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float)),
+    ('solver',         '--solver',    dict(help='Solver  [default: heun (EDM sampler)]', type=click.Choice(['euler', 'heun', 'dpm', 'dpm2m']))),
+    ('discretization', '--disc',      dict(help='Time step discretization (ablation sampler)', type=click.Choice(['vp', 've', 'iddpm', 'edm']))),
+    ('schedule',       '--schedule',  dict(help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))),
+    ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
+    ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS)))),
+]
+FLAGS = {keyword: flag for keyword, flag, _ in SAMPLER_OPTIONS}
+
+# The sampler keywords each sampler takes (the ablation sampler's 'solver' is euler or heun).
+_EDM_RANGE = {'num_steps', 'sigma_min', 'sigma_max'}
+_CHURN = {'S_churn', 'S_min', 'S_max', 'S_noise'}
+SAMPLER_KEYWORDS = {
+    'edm':      _EDM_RANGE | {'rho'} | _CHURN,
+    'ablation': _EDM_RANGE | {'rho'} | _CHURN | {'solver', 'discretization', 'schedule', 'scaling'},
+    'dpm':      _EDM_RANGE,
+    'dpm2m':    _EDM_RANGE,
+}
+
+
+def sampler_options(fn):
+    """Click decorator adding the sampler options (--class, --steps, …, --precision), all unset by default."""
+    for keyword, flag, settings in reversed(SAMPLER_OPTIONS):
+        fn = click.option(flag, keyword, **settings)(fn)
+    return fn
+
+
+def choose_sampler(solver, discretization, schedule, scaling):
+    """EDM's rule: any ablation option selects the ablation sampler; dpm/dpm2m select DPM-Solver++."""
+    if solver in ('dpm', 'dpm2m'):
+        for flag, value in (('--disc', discretization), ('--schedule', schedule), ('--scaling', scaling)):
+            if value is not None:
+                raise click.ClickException(f'{flag} applies to the ablation sampler (--solver euler|heun), not to --solver {solver}')
+        return solver
+    if any(value is not None for value in (solver, discretization, schedule, scaling)):
+        return 'ablation'
+    return 'edm'
+
+
+def sampler_from_options(options):
+    """(sampler name, its keyword arguments) from the sampler options' values; unset ones are left out.
+
+    `options` holds the sampler keywords only (not --class or --precision).
+    """
+    options = {key: value for key, value in options.items() if value is not None}
+    sampler_name = choose_sampler(*(options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
+    if sampler_name != 'ablation':
+        options.pop('solver', None)
+    for key in options:
+        if key not in SAMPLER_KEYWORDS[sampler_name]:
+            raise click.ClickException(f'{FLAGS[key]} does not apply to the {sampler_name} sampler')
+    num_steps = options.get('num_steps')
+    if num_steps is not None and num_steps < sampling.MIN_NUM_STEPS[sampler_name]:
+        raise click.ClickException(f'--steps {num_steps}: the {sampler_name} sampler needs at least {sampling.MIN_NUM_STEPS[sampler_name]}')
+    return sampler_name, options
+
+
+def check_class_idx(class_idx, net):
+    if class_idx is not None and not net.label_dim:
+        raise click.ClickException(f'--class {class_idx}: the network is unconditional (label_dim 0)')
+    if class_idx is not None and class_idx >= net.label_dim:
+        raise click.ClickException(f'--class {class_idx}: out of range, the network has classes 0-{net.label_dim - 1}')
+

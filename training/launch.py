@@ -1,0 +1,278 @@
+"""A training run from train.py's options: check them, build the config dict, make the run directory, train.
+
+`run(opts)` is what `train.py` does after parsing; benchmarks call it with `DEFAULTS` updated by their own
+options. Errors are click exceptions with one-line messages naming the option at fault.
+"""
+
+import json
+import os
+import re
+import secrets
+
+import click
+import torch
+import torch.distributed
+
+import dnnlib
+from torch_utils import cpu_runtime
+from torch_utils import distributed
+from training import augment
+from training import checkpoints
+from training import networks
+from training import recipes
+from training import training_loop
+from training.precision import PRECISIONS
+
+# train.py's options when not given (click's defaults come from here).
+DEFAULTS = dict(
+    cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None,
+    lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
+    fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
+    desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, dry_run=False,
+)
+
+
+def _broadcast_from_rank0(value):
+    """Rank 0's `value` on every rank (identity in a single process)."""
+    if distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_dataset(dataset_kwargs):
+    """Open the training set once to check it and learn its resolution, channels and labels."""
+    try:
+        return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'--data={dataset_kwargs["path"]}: {err}')
+
+
+def build_config(opts, world_size):
+    """The whole truth of a run as one plain dict; raises click errors for inconsistent options."""
+    if recipes.RECIPES[opts.precond].fdm_multiplier is None:
+        for name, value in (('--warmup_ite', opts.warmup_ite), ('--fdm_multiplier', opts.fdm_multiplier)):
+            if value is not None:
+                raise click.UsageError(f'{name} applies only to the FDM preconditioners (fdm_edm, fdm_vp, '
+                                       f'fdm_ve), not --precond={opts.precond}')
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.UsageError('--transfer and --resume cannot be used together')
+
+    precision = opts.precision or ('fp16' if opts.fp16 else 'fp32')
+    if opts.fp16 and precision != 'fp16':
+        raise click.UsageError(f'--fp16 contradicts --precision={precision}')
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(opts.device == 'cuda'), num_workers=opts.workers)
+    if opts.workers > 0:
+        c.data_loader_kwargs.prefetch_factor = 2
+
+    recipe = recipes.RECIPES[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(class_name=recipe.network)
+    c.network_kwargs.update(networks.ARCH_PRESETS[opts.arch])
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = opts.cres
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
+    c.loss_kwargs = dnnlib.EasyDict(class_name=recipe.loss)
+    if recipe.fdm_multiplier is not None:
+        multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else recipe.fdm_multiplier
+        c.network_kwargs.fdm_multiplier = multiplier
+        c.loss_kwargs.warmup_ite = opts.warmup_ite
+    c.augment_kwargs = None
+    if opts.augment > 0:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, **recipes.AUGMENT_OPTIONS)
+        c.network_kwargs.augment_dim = augment.AugmentPipe.augment_dim
+    # fused: one kernel per step instead of ~10 per tensor (the same maths; a large share of a CPU step).
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8, fused=True)
+
+    try:
+        batch_gpu, _ = training_loop.batch_rounds(opts.batch, opts.batch_gpu, world_size)
+    except training_loop.BatchSizeError as err:
+        raise click.BadParameter(str(err), param_hint=err.option) from None
+
+    c.update(
+        seed                = opts.seed,
+        batch_size          = opts.batch,
+        batch_gpu           = batch_gpu,
+        total_kimg          = opts.duration * 1000,
+        ema_halflife_kimg   = opts.ema * 1000,
+        ema_rampup_ratio    = None if opts.transfer is not None else training_loop.EMA_RAMPUP_RATIO,
+        lr_rampup_kimg      = opts.lr_rampup * 1000,
+        loss_scaling        = opts.ls,
+        kimg_per_tick       = opts.tick,
+        snapshot_ticks      = opts.snap or None,
+        state_dump_ticks    = opts.dump or None,
+        resume_pkl          = opts.transfer,
+        resume_state        = None,
+        cudnn_benchmark     = opts.bench,
+        allow_tf32          = opts.tf32,
+        precision           = precision,
+        compile             = opts.compile,
+        device              = opts.device,
+    )
+    return c
+
+
+def check_precision(precision, device_type):
+    if precision == 'bf16' and device_type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise click.BadParameter('this GPU does not support bfloat16; use fp16 or fp32', param_hint='--precision')
+
+
+def read_resume(c, resume):
+    """Resolve --resume to a state, read it once, take the run's seed from it if none given.
+
+    Returns the state and the names of the options that differ from those it was written with.
+    """
+    try:
+        c.resume_state = checkpoints.resolve_resume_path(resume)
+        state = checkpoints.load_training_state(c.resume_state, mmap=True)
+    except checkpoints.TrainingStateError as err:
+        raise click.ClickException(f'--resume: {err}')
+    if c.seed is None:
+        c.seed = state['options']['seed']
+    changed = sorted(key for key in ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'batch_size', 'seed')
+                     if json.dumps(state['options'].get(key), sort_keys=True) != json.dumps(c[key], sort_keys=True))
+    return state, changed
+
+
+def read_transfer(path, net):
+    """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
+    try:
+        return checkpoints.load_transfer(path, net, verbose=distributed.is_main())
+    except checkpoints.TrainingStateError as err:
+        raise click.ClickException(f'--transfer={err}')
+
+
+def dry_run_build(c, dataset):
+    """Build the network, loss and augmentation pipe once, as the training loop will."""
+    interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    try:
+        net = dnnlib.util.construct_class_by_name(**c.network_kwargs, **interface)
+        dnnlib.util.construct_class_by_name(**c.loss_kwargs)
+        if c.augment_kwargs is not None:
+            dnnlib.util.construct_class_by_name(**c.augment_kwargs)
+    except ValueError as err:
+        raise click.ClickException(f'cannot build the network: {err}')
+    return net
+
+
+def make_run_dir(outdir, desc, nosubdir):
+    """Create `{outdir}/{id:05d}-{desc}` with the next free id (or `outdir` itself); safe against a concurrent run."""
+    os.makedirs(outdir, exist_ok=True)
+    if nosubdir:
+        return outdir
+    while True:
+        ids = [int(m.group()) for name in os.listdir(outdir) if (m := re.match(r'\d+', name))]
+        run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+
+
+def run(opts):
+    """Train with the options `opts` (train.py's option names, all given; see DEFAULTS) in this process group."""
+    world_size = distributed.get_world_size()
+    c = build_config(opts, world_size)
+    check_precision(c.precision, opts.device)
+
+    dataset = _open_dataset(c.dataset_kwargs)
+    if opts.cond and not dataset.has_labels:
+        raise click.ClickException(f'--cond=True needs class labels, but {opts.data} has none (dataset.json "labels")')
+    c.dataset_kwargs.resolution = dataset.resolution
+
+    resume, resume_changes = read_resume(c, opts.resume) if opts.resume is not None else (None, [])
+    if c.seed is None:
+        c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
+
+    net = None
+    if opts.dry_run or opts.transfer is not None:
+        net = dry_run_build(c, dataset)
+    transfer = read_transfer(opts.transfer, net) if opts.transfer is not None else None
+
+    cond_str = 'cond' if opts.cond else 'uncond'
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{c.precision}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+
+    if opts.dry_run:
+        c.run_dir = None
+        _print_summary(c, opts, dataset, world_size, resume_changes)
+        distributed.print0(f'Network parameters:      {sum(p.numel() for p in net.parameters()):,}')
+        distributed.print0('Dry run; exiting.')
+        return
+
+    run_dir = None
+    if distributed.is_main():
+        try:
+            run_dir = make_run_dir(opts.outdir, desc, opts.nosubdir)
+        except OSError as err:
+            run_dir = err
+    run_dir = _broadcast_from_rank0(run_dir)
+    if isinstance(run_dir, OSError):
+        raise click.ClickException(f'--outdir={opts.outdir}: {run_dir}')
+    c.run_dir = run_dir
+
+    logger = None
+    if distributed.is_main():
+        with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    try:
+        _print_summary(c, opts, dataset, world_size, resume_changes)
+        del dataset, net
+        training_loop.training_loop(**c, resume=resume, transfer=transfer)
+    except checkpoints.TrainingStateError as err:
+        raise click.ClickException(str(err))
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _print_summary(c, opts, dataset, world_size, resume_changes):
+    distributed.print0()
+    distributed.print0('Training options:')
+    distributed.print0(json.dumps(c, indent=2))
+    distributed.print0()
+    distributed.print0(f'Output directory:        {c.run_dir}')
+    distributed.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    distributed.print0(f'Dataset size:            {len(dataset)} images of {dataset.num_channels}x{dataset.resolution}x{dataset.resolution}')
+    distributed.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+    distributed.print0(f'Network architecture:    {opts.arch}')
+    distributed.print0(f'Preconditioning & loss:  {opts.precond}')
+    distributed.print0(f'Device:                  {opts.device}')
+    distributed.print0(f'Number of processes:     {world_size}')
+    if opts.device == 'cpu':
+        distributed.print0(f'OpenMP thread waiting:   {cpu_runtime.openmp_wait_policy}')
+    distributed.print0(f'Batch size:              {c.batch_size} ({c.batch_gpu} per pass)')
+    distributed.print0(f'Precision:               {c.precision}')
+    distributed.print0(f'Seed:                    {c.seed}')
+    if c.resume_state is not None:
+        distributed.print0(f'Resuming from:           {c.resume_state}')
+        if resume_changes:
+            distributed.print0(f'Changed since the state: {", ".join(resume_changes)} (the run will not repeat exactly)')
+    distributed.print0()
+
+
+_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run'}  # the others are --{name}
+_SWITCHES = ('nosubdir', 'dry_run')                                 # given without a value
+
+
+def command_line(options):
+    """The train.py arguments that give `options` (option names → values), for the record of a run."""
+    args = []
+    for name, value in options.items():
+        flag = _FLAG_NAMES.get(name, f'--{name}')
+        if name in _SWITCHES:
+            args += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            args.append(f'{flag}={",".join(map(str, value))}')
+        else:
+            args.append(f'{flag}={value}')
+    return args
