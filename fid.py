@@ -63,10 +63,11 @@ def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, de
     return _feature_stats(detector, batches_of_images, len(batches), device, 'features', keep_features)
 
 
-def _network_stats(detector, network_pkl, seeds, class_idx, precision, sampler_name, sampler_kwargs, max_batch_size, device,
-                   keep_features=False):
+def _network_stats(detector, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name, sampler_kwargs,
+                   max_batch_size, device, keep_features=False):
     """Feature statistics of the images generate.py would write for `seeds`, without the PNG round trip."""
     net = cli.rank0_first(lambda: cli.load_network(network_pkl, device))
+    net = cli.guided_network(net, guidance, gnet_url, device)
     dist.print0(f'Generating {len(seeds)} images from {network_pkl} with the {sampler_name} sampler {sampler_kwargs}')
     batches = _rank_batches(len(seeds), max_batch_size)
     def images():
@@ -168,7 +169,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
 @click.option('--seeds',                 help='--network: seeds of the images [default: 0 to num-1]', metavar='LIST', type=cli.SeedList())
 @cli.sampler_options
 def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_batch_size, workers, detector, device, seeds,
-         class_idx, precision, **sampler_options):
+         class_idx, precision, guidance, gnet_url, **sampler_options):
     """FID (and KID, precision/recall) of images (a folder, a ZIP, or generated on the fly) against a reference.
 
     With --network, the images are those generate.py writes for --seeds with the same sampler options
@@ -181,9 +182,10 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
             raise click.BadParameter(f'{name!r} is not one of {", ".join(feature_metrics.METRICS)}', param_hint='--metrics')
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
-    if network_pkl is None and (seeds is not None or class_idx is not None or precision is not None
-                                or any(value is not None for value in sampler_options.values())):
-        raise click.UsageError('--seeds, --class, --precision and the sampler options apply to --network only')
+    if network_pkl is None and any(value is not None for value in [seeds, class_idx, precision, guidance, gnet_url,
+                                                                    *sampler_options.values()]):
+        raise click.UsageError('--seeds, --class, --guidance, --gnet, --precision and the sampler options apply to '
+                               '--network only')
     if seeds is not None and num_images is not None and num_images != len(seeds):
         raise click.BadParameter(f'--seeds lists {len(seeds)} seeds but --num={num_images}', param_hint='--num')
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
@@ -207,8 +209,8 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
         stats = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images',
                                keep_features=bool(needing_features))
     else:
-        stats = _network_stats(detector_net, network_pkl, seeds, class_idx, precision, sampler_name, sampler_kwargs,
-                               max_batch_size, device, keep_features=bool(needing_features))
+        stats = _network_stats(detector_net, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name,
+                               sampler_kwargs, max_batch_size, device, keep_features=bool(needing_features))
     if stats.feature_dim != len(reference['mu']):
         raise click.BadParameter(f'{ref_path} holds {len(reference["mu"])} features per image, the detector gives '
                                  f'{stats.feature_dim}', param_hint='--ref')

