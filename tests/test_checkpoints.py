@@ -4,8 +4,12 @@ give one-line errors naming the file."""
 
 import contextlib
 import copy
+import json
 import os
 import pickle
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ import torch
 import dnnlib
 from torch_utils import persistence
 from training import checkpoints, loss, networks
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_SONG = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 SMALL_ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
@@ -382,3 +388,123 @@ def test_resume_from_a_directory_takes_the_newest_state_of_either_naming(tmp_pat
                  'training-state-000000.pt'):
         (tmp_path / name).write_bytes(b'')
     assert checkpoints.resolve_resume_path(str(tmp_path)) == str(tmp_path / 'training-state-000001.016.pt')
+
+# Hostile constructor arguments and shapes: each is refused with one line in bounded time and memory.
+
+def tuple_dag(depth=60):
+    """A tuple of 2**depth leaves in a few hundred bytes of pickle: each level holds the previous one twice."""
+    node = ('x',)
+    for _ in range(depth):
+        node = (node, node)
+    return node
+
+
+class _Call:
+    """Pickles as `function(*args)`."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+def ours_with(**kwargs):
+    """Our snapshot format naming EDMPrecond with small arguments, some replaced by `kwargs`, and no tensors."""
+    init_kwargs = dict(img_resolution=16, img_channels=3, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    init_kwargs.update(kwargs)
+    return _Call(persistence._reconstruct, 'training.networks', 'EDMPrecond', (), init_kwargs, {}, False)
+
+
+def nested_published_records(depth):
+    """Opcodes of a published pickle whose 'ema' holds `depth` modules, each the only child of the one before."""
+    def text(value):
+        return b'X' + len(value).to_bytes(4, 'little') + value.encode()
+    level = (b'ctorch_utils.persistence\n_reconstruct_persistent_obj\n}(' + text('type') + text('class') + text('version')
+             + b'K\x06' + text('class_name') + text('EDMPrecond') + text('state') + b'}(' + text('_modules') + b'}(' + text('model'))
+    return b'\x80\x02}(' + text('ema') + level * depth + b'N' + b'uuu\x85R' * depth + b'u.'
+
+
+HOSTILE_PICKLES = {
+    'tuple_dag_model_type': lambda: pickle.dumps(dict(ema=ours_with(model_type=tuple_dag())), protocol=2),
+    'bytearray_3e9': lambda: pickle.dumps(dict(ema=_Call(bytearray, 3 * 10**9)), protocol=2),
+    'model_channels_2048': lambda: pickle.dumps(dict(ema=ours_with(model_channels=2048)), protocol=2),
+    'num_blocks_1e7': lambda: pickle.dumps(dict(ema=ours_with(num_blocks=10**7)), protocol=2),
+    'params_over_budget': lambda: pickle.dumps(dict(ema=ours_with(model_channels=1024, channel_mult=[16])), protocol=2),
+    'float_channels': lambda: pickle.dumps(dict(ema=ours_with(model_channels=16.0)), protocol=2),
+    'nan_sigma': lambda: pickle.dumps(dict(ema=ours_with(sigma_data=float('nan'))), protocol=2),
+    'odd_resolution': lambda: pickle.dumps(dict(ema=ours_with(img_resolution=24)), protocol=2),
+    'nested_records_50k': lambda: nested_published_records(50_000),
+    'nested_lists_50k': lambda: b'\x80\x02}X\x03\x00\x00\x00ema' + b']' * 50_000 + b'a' * 49_999 + b's.',
+    'huge_zero_stride_view': lambda: pickle.dumps(dict(ema=torch.zeros(1).expand(10**12)), protocol=2),
+}
+
+_LOAD_EACH = '''
+import json, sys, time
+from training import checkpoints
+results = {}
+for path in sys.argv[1:]:
+    start = time.monotonic()
+    try:
+        checkpoints.load_network_pickle(path)
+        outcome = 'loaded'
+    except ValueError as e:
+        outcome = f'{type(e).__name__}: {e}'
+    results[path] = (outcome, time.monotonic() - start)
+print(json.dumps(results))
+'''
+
+
+def limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def test_hostile_pickles_are_refused_in_bounded_time_and_memory(tmp_path):
+    paths = {}
+    for name, build in HOSTILE_PICKLES.items():
+        paths[name] = tmp_path / f'{name}.pkl'
+        paths[name].write_bytes(build())
+    assert len(paths['tuple_dag_model_type'].read_bytes()) < 1000 and len(paths['bytearray_3e9'].read_bytes()) < 100
+    result = subprocess.run([sys.executable, '-c', _LOAD_EACH, *map(str, paths.values())], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120, preexec_fn=limit_memory)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout)
+    for name, path in paths.items():
+        message, seconds = outcomes[str(path)]
+        assert message.startswith(('UnsafePickleError', 'ValueError')) and str(path) in message, (name, message)
+        assert '\n' not in message and len(message) < 1000 and seconds < 10, (name, message, seconds)
+
+
+@pytest.mark.parametrize('name, match', [
+    ('tuple_dag_model_type', 'tuple of more than'),
+    ('bytearray_3e9', 'bytearray'),
+    ('model_channels_2048', 'model_channels=2048'),
+    ('num_blocks_1e7', 'num_blocks=10000000'),
+    ('params_over_budget', 'more than the limit'),
+    ('float_channels', 'model_channels=16.0'),
+    ('nested_records_50k', 'nested deeper'),
+    ('nested_lists_50k', 'nested deeper'),
+    ('huge_zero_stride_view', 'overlapping strides'),
+])
+def test_hostile_pickle_is_refused_as_unsafe_naming_the_reason(tmp_path, name, match):
+    path = tmp_path / f'{name}.pkl'
+    path.write_bytes(HOSTILE_PICKLES[name]())
+    with pytest.raises(checkpoints.UnsafePickleError, match=match):
+        checkpoints.load_network_pickle(path)
+
+
+def test_published_pickle_with_hostile_arguments_is_refused(tmp_path):
+    net = small_net()
+    net._init_kwargs['num_blocks'] = 10**7
+    path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
+    with pytest.raises(checkpoints.UnsafePickleError, match='num_blocks'):
+        checkpoints.load_network_pickle(path)
+    assert not (tmp_path / 'marker').exists()
+
+
+def test_generate_refuses_a_tuple_dag_pickle_with_one_line(tmp_path):
+    path = tmp_path / 'dag.pkl'
+    path.write_bytes(HOSTILE_PICKLES['tuple_dag_model_type']())
+    result = subprocess.run([sys.executable, 'generate.py', f'--network={path}', f'--outdir={tmp_path / "out"}', '--seeds=0'],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
+    assert result.returncode != 0 and 'tuple of more than' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]

@@ -11,7 +11,9 @@ run continues bit for bit (docs/design.md#training-states).
 """
 
 import collections
+import inspect
 import io
+import math
 import os
 import pickle
 import random
@@ -66,6 +68,137 @@ def _torch_module_record(class_name):
 _TORCH_MODULE_RECORDS = {name: _torch_module_record(name) for name in ('ModuleDict', 'ModuleList', 'Sequential', 'Identity', 'Dropout', 'SiLU')}
 
 
+# What a pickle may ask to build: every constructor argument is a plain value of bounded size, these are ints in
+# [0, limit] (None only where the class means "default"), and a module may hold at most MAX_PARAMETERS values.
+MAX_PARAMETERS = 2_000_000_000
+MAX_PICKLE_DEPTH = 64            # containers within containers, and modules within modules
+MAX_PICKLE_NODES = 1_000_000     # values of a pickle, counting shared ones at each place they occur
+_ARGUMENT_NODES = 1_000          # values of one object's constructor arguments
+_INT_ARGUMENTS = dict(
+    img_resolution=1024, img_channels=4096, in_channels=4096, out_channels=4096, model_out_channels=4096,
+    num_channels=4096, in_features=65536, out_features=65536, emb_channels=65536, label_dim=100_000, augment_dim=1024,
+    model_channels=1024, channel_mult_emb=16, channel_mult_noise=16, num_blocks=64, num_heads=4096,
+    channels_per_head=4096, num_groups=4096, min_channels_per_group=4096, kernel=16, M=1_000_000,
+    max_positions=10**9, warmup_ite=10**12,
+)
+_INT_LIST_ARGUMENTS = dict(channel_mult=(8, 16), attn_resolutions=(16, 1024), resample_filter=(8, 16))  # (length, entry) limits
+_INFINITE_ALLOWED = ('sigma_max',)  # EDMPrecond's own default is inf
+
+
+def _check_plain_value(name, value):
+    """A constructor argument of None, bools, ints, finite floats, short strings and small lists/tuples/dicts of them."""
+    stack, nodes = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > _ARGUMENT_NODES or depth > 4:
+            raise UnsafePickleError(f'constructor argument {name}: nested deeper than 4 or larger than {_ARGUMENT_NODES} values')
+        if item is None or isinstance(item, (bool, int, np.integer)):
+            continue
+        if isinstance(item, (float, np.floating)):
+            if math.isnan(item) or (math.isinf(item) and name not in _INFINITE_ALLOWED):
+                raise UnsafePickleError(f'constructor argument {name}: {float(item)} is not a finite number')
+        elif isinstance(item, str):
+            if len(item) > 256:
+                raise UnsafePickleError(f'constructor argument {name}: a string of {len(item)} characters')
+        elif isinstance(item, (list, tuple)):
+            stack.extend((entry, depth + 1) for entry in item[:_ARGUMENT_NODES + 1])
+        elif isinstance(item, dict):
+            for key, entry in list(item.items())[:_ARGUMENT_NODES + 1]:
+                if not isinstance(key, str) or len(key) > 256:
+                    raise UnsafePickleError(f'constructor argument {name}: a dict key that is not a short string')
+                stack.append((entry, depth + 1))
+        else:
+            raise UnsafePickleError(f'constructor argument {name}: a {type(item).__name__} is not a plain value')
+
+
+def _check_int_argument(name, value, limit):
+    if value is None and name in ('num_heads', 'warmup_ite'):
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise UnsafePickleError(f'constructor argument {name}={value!r} is not an int in [0, {limit}]')
+    if name == 'img_resolution' and not dnnlib.util.is_power_of_two(int(value)):
+        raise UnsafePickleError(f'constructor argument img_resolution={value!r} is not a power of two')
+
+
+def _named_arguments(cls, init_args, init_kwargs):
+    """Constructor arguments by name, the contents of **kwargs (passed on to an inner network) included."""
+    try:
+        bound = inspect.signature(cls.__init__).bind(None, *init_args, **init_kwargs)
+    except TypeError as e:
+        raise ValueError(f'cannot build {cls.__name__} from its stored arguments: {e}') from None
+    named = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = inspect.signature(cls.__init__).parameters[name].kind
+        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return named
+
+
+def _unet_parameter_bound(cls, named):
+    """An upper bound on the parameters of a preconditioner's U-Net (inf for other classes), so that ordinary networks
+    are not built twice: a block holds at most 40·C² values for C the widest channel count (convolutions of 2C→C and
+    C→C, skip, attention and embedding), a level at most 2·num_blocks + 4 blocks, the mapping a few C²."""
+    if not issubclass(cls, networks.Precond):
+        return math.inf
+    inner = networks.INNER_NETWORKS.get(named.get('model_type', 'SongUNet'))
+    if inner is None:
+        return 0  # the constructor refuses it
+    defaults = {name: p.default for name, p in inspect.signature(inner.__init__).parameters.items()}
+    get = lambda name: named.get(name, defaults.get(name, 1))
+    channel_mult = list(get('channel_mult')) + [get('channel_mult_emb'), get('channel_mult_noise')]
+    width = get('model_channels') * max(channel_mult)
+    blocks = len(get('channel_mult')) * (2 * get('num_blocks') + 4) + 4
+    return 40 * width**2 * blocks + width * (get('label_dim') + get('augment_dim') + 18 * get('img_channels') + 64)
+
+
+def check_constructor_arguments(cls, init_args, init_kwargs):
+    """Refuse (UnsafePickleError) arguments that a network could not be built from in bounded time and memory.
+
+    Types and ranges first (nothing is built); then, unless a bound on the U-Net's size keeps it below MAX_PARAMETERS,
+    the module is built on the `meta` device, which allocates nothing, and its parameters and buffers are counted.
+    """
+    if not isinstance(init_args, (tuple, list)) or not isinstance(init_kwargs, dict):
+        raise ValueError(f'cannot build {cls.__name__}: stored constructor arguments are not a tuple and a dict')
+    _check_plain_value('*args', list(init_args))
+    _check_plain_value('**kwargs', init_kwargs)
+    for name, value in _named_arguments(cls, init_args, init_kwargs).items():
+        if name in _INT_ARGUMENTS:
+            _check_int_argument(name, value, _INT_ARGUMENTS[name])
+        elif name in _INT_LIST_ARGUMENTS:
+            max_length, max_entry = _INT_LIST_ARGUMENTS[name]
+            if not (isinstance(value, (list, tuple)) and len(value) <= max_length
+                    and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= max_entry for v in value)):
+                raise UnsafePickleError(f'constructor argument {name}={value!r} is not a list of at most {max_length} ints in [0, {max_entry}]')
+    if issubclass(cls, torch.nn.Module) and _unet_parameter_bound(cls, _named_arguments(cls, init_args, init_kwargs)) > MAX_PARAMETERS:
+        try:
+            with torch.device('meta'):
+                probe = cls(*init_args, **init_kwargs)
+        except (TypeError, ValueError, RuntimeError, ZeroDivisionError, IndexError, KeyError) as e:
+            raise ValueError(f'cannot build {cls.__name__} from its stored arguments: {persistence.one_line(e)}') from None
+        count = sum(t.numel() for t in probe.parameters()) + sum(t.numel() for t in probe.buffers())
+        if count > MAX_PARAMETERS:
+            raise UnsafePickleError(f'{cls.__name__} with these arguments holds {count:.3g} values, more than the limit {MAX_PARAMETERS:.0e}')
+
+
+def check_pickle_size(payload):
+    """Refuse a loaded pickle nested deeper than MAX_PICKLE_DEPTH or of more than MAX_PICKLE_NODES values (shared
+    values counted where they occur, so that a small file of shared tuples cannot stand for an exponential tree)."""
+    stack, nodes = [(payload, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_PICKLE_DEPTH:
+            raise UnsafePickleError(f'nested deeper than {MAX_PICKLE_DEPTH} levels')
+        if nodes > MAX_PICKLE_NODES:
+            raise UnsafePickleError(f'holds more than {MAX_PICKLE_NODES} values (counting shared ones where they occur)')
+        if isinstance(item, _Record):
+            stack.append((item.state, depth + 1))
+        elif isinstance(item, dict):
+            stack.extend((value, depth + 1) for pair in item.items() for value in pair)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((value, depth + 1) for value in item)
+
+
 def _module_state(node, where):
     """The `__dict__` of a pickled module: a record's state, or a real module's attributes (plain pickle.load)."""
     if isinstance(node, _Record):
@@ -77,6 +210,8 @@ def _module_state(node, where):
 
 def _record_tensors(node, prefix=''):
     """Parameters and persistent buffers of a pickled module tree by dotted name, as state_dict() names them."""
+    if prefix.count('.') > MAX_PICKLE_DEPTH:
+        raise UnsafePickleError(f'modules nested deeper than {MAX_PICKLE_DEPTH} levels')
     state = _module_state(node, prefix.rstrip('.') or 'network')
     tensors = {}
     non_persistent = state.get('_non_persistent_buffers_set') or ()
@@ -102,7 +237,10 @@ def _build_published(record):
     cls = _published_class(record.class_name)
     state = record.state
     init_args = state.get('_init_args', state.get('init_args', ()))
-    init_kwargs = dict(state.get('_init_kwargs', state.get('init_kwargs', {})))
+    init_kwargs = state.get('_init_kwargs', state.get('init_kwargs', {}))
+    if not isinstance(init_kwargs, dict):
+        raise ValueError(f'cannot build {cls.__name__}: stored constructor arguments are not a tuple and a dict')
+    init_kwargs = dict(init_kwargs)
     if cls is networks.FDM_VEPrecond:  # its published weights were trained for m = 1 whatever the arguments say
         init_kwargs['fdm_multiplier'] = networks.PUBLISHED_VE_FDM_MULTIPLIER
     elif issubclass(cls, networks.FDMInputScaling) and 'fdm_multiplier' not in init_kwargs:
@@ -110,6 +248,7 @@ def _build_published(record):
     inner = (state.get('_modules') or {}).get('model')
     if 'model_type' not in init_kwargs and isinstance(inner, _Record):
         init_kwargs['model_type'] = inner.class_name  # upstream defaults differ from ours; the pickle says which
+    check_constructor_arguments(cls, init_args, init_kwargs)
     obj = persistence.construct(cls, init_args, init_kwargs)
     if isinstance(obj, torch.nn.Module):
         persistence.restore_module(obj, _record_tensors(record), state.get('training', False))
@@ -161,8 +300,12 @@ def _weights_only_reason(error):
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise UnsafePickleError(f'tensor built on a {type(storage).__name__}, not a storage')
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, collections.OrderedDict(),
-                                           metadata if isinstance(metadata, dict) else None)
+    tensor = torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, collections.OrderedDict(),
+                                             metadata if isinstance(metadata, dict) else None)
+    storage_bytes = tensor.untyped_storage().nbytes()
+    if tensor.numel() * tensor.element_size() > storage_bytes:  # e.g. a 10¹² view of one number that .clone() would allocate
+        raise UnsafePickleError(f'a tensor of shape {list(tensor.shape)} views a storage of {storage_bytes} bytes (overlapping strides)')
+    return tensor
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
@@ -200,6 +343,13 @@ def _numpy_scalar(dtype, data):
     return np.frombuffer(data, dtype=dtype)[0]
 
 
+def _bytearray(*args):
+    """Protocol 2 writes a bytearray as bytearray(text, 'latin-1'); bytearray(n) of a huge n would allocate n bytes."""
+    if not args or not isinstance(args[0], (str, bytes)):
+        raise UnsafePickleError('bytearray may only be built from pickled bytes')
+    return bytearray(*args)
+
+
 class _EasyDict:
     """Creates a dnnlib.EasyDict when the pickle asks for one, so that the real class is never handed out."""
 
@@ -213,8 +363,13 @@ class _EasyDict:
 
 def _reconstruct_ours(module_name, class_name, *args):
     """`persistence._reconstruct` limited to the modules whose classes snapshots hold (no other module is imported)."""
+    if not isinstance(module_name, str) or not isinstance(class_name, str):
+        raise UnsafePickleError('refusing to rebuild an object whose module or class name is not a string')
     if module_name not in _PERSISTENT_MODULES:
         raise UnsafePickleError(f'refusing to rebuild {module_name}.{class_name}: not a persistent class of {_PERSISTENT_MODULES}')
+    cls = persistence.registered_class(module_name, class_name)
+    if cls is not None and len(args) >= 2:
+        check_constructor_arguments(cls, args[0], args[1])
     return persistence._reconstruct(module_name, class_name, *args)
 
 
@@ -231,7 +386,7 @@ _ALLOWED_GLOBALS = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('builtins', 'set'): set,
     ('builtins', 'frozenset'): frozenset,
-    ('builtins', 'bytearray'): bytearray,
+    ('builtins', 'bytearray'): _bytearray,
     ('builtins', 'complex'): complex,
     ('builtins', 'object'): object,
     ('copyreg', '_reconstructor'): _copyreg_reconstructor,
@@ -251,8 +406,40 @@ _ALLOWED_GLOBALS = {
 _PYTHON2_MODULE_NAMES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the names in `_ALLOWED_GLOBALS`; any other name stops the load before it can be called."""
+def _tuple_op(build):
+    """A tuple-building opcode that records the tuple's size as a tree and refuses one over MAX_PICKLE_NODES."""
+    def op(self):
+        build(self)
+        built = self.stack[-1]
+        size = 1 + sum(self.tuple_sizes.get(id(item), (1,))[0] for item in built)
+        if size > MAX_PICKLE_NODES:
+            raise UnsafePickleError(f'a tuple of more than {MAX_PICKLE_NODES} values (counting shared ones where they occur)')
+        self.tuple_sizes[id(built)] = (size, built)  # the reference keeps the id from being reused
+    return op
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only the names in `_ALLOWED_GLOBALS`; any other name stops the load before it can be called.
+
+    Python's own unpickler, not the C one, so that tuples can be measured as they are built: a few hundred
+    bytes of tuples that share their parts stand for a tree of 2⁶⁰ values, which hashing a dict key or
+    printing would walk for ever.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _code in (pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3):
+        dispatch[_code[0]] = _tuple_op(pickle._Unpickler.dispatch[_code[0]])
+    del _code
+
+    def load_mark(self):
+        if len(self.metastack) >= 2 * MAX_PICKLE_DEPTH:  # a published module level opens about three
+            raise UnsafePickleError(f'nested deeper than {2 * MAX_PICKLE_DEPTH} marks')
+        pickle._Unpickler.load_mark(self)
+    dispatch[pickle.MARK[0]] = load_mark
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.tuple_sizes = {}
 
     def find_class(self, module, name):
         module = _PYTHON2_MODULE_NAMES.get(module, module)
@@ -286,6 +473,7 @@ def load_network_pickle(f_or_path):
 def _load(f, name):
     try:
         payload = _RestrictedUnpickler(f).load()
+        check_pickle_size(payload)
     except UnsafePickleError as e:
         raise UnsafePickleError(f'{name}: {e}') from None
     except ValueError as e:

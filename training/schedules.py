@@ -15,7 +15,7 @@ def vp_sigma(t, beta_d=19.9, beta_min=0.1, dtype=torch.float64):
 
     float64 uses expm1 (accurate at small t); float32 computes exp(·) − 1 as the published networks do.
     """
-    t = torch.as_tensor(t, dtype=dtype)
+    t = torch.as_tensor(t, dtype=dtype, device=t.device if isinstance(t, torch.Tensor) else 'cpu')  # also under torch.device('meta')
     exponent = 0.5 * beta_d * t ** 2 + beta_min * t
     return (exponent.expm1() if dtype == torch.float64 else exponent.exp() - 1).sqrt()
 
