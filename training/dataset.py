@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -17,6 +18,9 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in PIL.Image.registered_extensions
 CHANNELS_OF_MODE = {'L': 1, 'RGB': 3}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_MODES = {(8, 0): 'L', (8, 2): 'RGB'}  # (bit depth, colour type) of the PNGs we can train on
+# What a damaged file or archive member raises on reading: decoders, zipfile's checks (CRC, headers), inflate, and an
+# unknown compression method (NotImplementedError).
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 class DatasetError(ValueError):
@@ -128,7 +132,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for name in self._image_names:
             try:
                 width, height, mode = self._read_header(name)
-            except (OSError, SyntaxError, ValueError, EOFError, struct.error, zipfile.BadZipFile) as error:
+            except READ_ERRORS as error:
                 raise DatasetError(f'{self._describe(name)}: cannot read image ({error})') from None
             if mode not in CHANNELS_OF_MODE:
                 raise DatasetError(f'{self._describe(name)}: image mode {mode}; datasets hold 8-bit grayscale (L) '
@@ -149,7 +153,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with self._open_file(name) as f, PIL.Image.open(f) as img:
                 image = np.asarray(img)
-        except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except READ_ERRORS as error:
             raise DatasetError(f'{self._describe(name)}: cannot read image ({error})') from None
         image = image[:, :, np.newaxis] if image.ndim == 2 else image
         image = image.transpose(2, 0, 1)
@@ -173,7 +177,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if labels is None:
                 return None
             table = {str(name): label for name, label in labels}
-        except (ValueError, KeyError, TypeError) as error:
+        except (KeyError, TypeError, *READ_ERRORS) as error:
             raise DatasetError(f'{self._describe(json_name)}: expected {{"labels": [[name, class], ...] or null}} '
                                f'({error})') from None
         raw_labels = []
