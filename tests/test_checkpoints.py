@@ -508,3 +508,49 @@ def test_generate_refuses_a_tuple_dag_pickle_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, 'generate.py', f'--network={path}', f'--outdir={tmp_path / "out"}', '--seeds=0'],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
     assert result.returncode != 0 and 'tuple of more than' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
+
+
+def write_state(path, **changes):
+    """A training state of a small network after one Adam step, with the fields in `changes` replaced."""
+    net = small_net().train().requires_grad_(True)
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.zeros([1, 3, 16, 16]), torch.ones([1]), torch.zeros([1, 10])).sum().backward()
+    optimizer.step()
+    checkpoints.save_training_state(path, net, copy.deepcopy(net), optimizer, loss.EDMLoss(), None,
+                                    dict(cur_nimg=64, cur_step=1, cur_tick=1, tick_start_nimg=32), 1.5,
+                                    [checkpoints.rng_state(torch.device('cpu'))], 1, None, dict(seed=7))
+    if changes:
+        state = torch.load(path, weights_only=True)
+        for dotted, value in changes.items():
+            *parents, key = dotted.split('.')
+            target = state
+            for parent in parents:
+                target = target[int(parent)] if isinstance(target, list) else target[parent]
+            target[int(key) if isinstance(target, list) else key] = value
+        torch.save(state, path)
+    return path
+
+
+def test_a_written_training_state_loads(tmp_path):
+    state = checkpoints.load_training_state(write_state(tmp_path / 'training-state-000000.pt'))
+    assert state['cur_nimg'] == 64 and state['options'] == dict(seed=7)
+
+
+@pytest.mark.parametrize('changes, fragment', [
+    (dict(options=[1, 2]), 'options is a list'),
+    (dict(**{'options.seed': 'abc'}), "options.seed is 'abc'"),
+    (dict(rng_states=[]), 'rng_states is not a list of 1'),
+    (dict(**{'rng_states.0': {}}), 'rng_states[0]'),
+    (dict(**{'rng_states.0.torch_cpu': torch.zeros(0, dtype=torch.uint8)}), 'torch_cpu'),
+    (dict(cur_nimg=-1000), 'cur_nimg is -1000'),
+    (dict(optimizer='garbage'), 'optimizer is not'),
+    (dict(optimizer=dict(state=[], param_groups=7)), 'optimizer is not'),
+    (dict(net={'w': 3}), 'net is not'),
+    (dict(total_time_sec=float('nan')), 'total_time_sec'),
+    (dict(world_size=0), 'world_size'),
+])
+def test_training_state_with_a_wrong_typed_field_is_refused_at_load(tmp_path, changes, fragment):
+    path = write_state(tmp_path / 'training-state-000000.pt', **changes)
+    with pytest.raises(checkpoints.TrainingStateError, match='damaged') as info:
+        checkpoints.load_training_state(path)
+    assert fragment in str(info.value) and str(path) in str(info.value) and '\n' not in str(info.value)

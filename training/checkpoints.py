@@ -594,7 +594,75 @@ def load_training_state(path, mmap=False):
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise TrainingStateError(f'{path} lacks {", ".join(missing)}')
+    problem = _state_field_problem(state)
+    if problem is not None:
+        raise TrainingStateError(f'{path} is damaged or not written by this train.py: {problem}')
     return state
+
+
+def _is_int(value, minimum=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_tensor_dict(value):
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in value.items())
+
+
+def _rng_problem(rng):
+    """What is wrong with one process's generator states (as `rng_state` writes them), or None."""
+    if not isinstance(rng, dict) or not all(isinstance(rng.get(key), dict) for key in ('numpy', 'python')):
+        return 'not a dict of torch_cpu, torch_cuda, numpy and python states'
+    torch_cpu, np_state, py_state = rng.get('torch_cpu'), rng['numpy'], rng['python']
+    if not (isinstance(torch_cpu, torch.Tensor) and torch_cpu.dtype == torch.uint8 and torch_cpu.numel() > 0):
+        return 'torch_cpu is not a byte tensor'
+    if rng.get('torch_cuda') is not None and not isinstance(rng['torch_cuda'], torch.Tensor):
+        return 'torch_cuda is not a tensor'
+    keys = np_state.get('keys')
+    if not (isinstance(keys, torch.Tensor) and keys.shape == (624,) and _is_int(np_state.get('pos'))
+            and np_state['pos'] <= 624 and _is_int(np_state.get('has_gauss')) and isinstance(np_state.get('cached_gaussian'), float)):
+        return 'numpy is not an MT19937 state'
+    internal = py_state.get('internal')
+    if not (isinstance(internal, torch.Tensor) and internal.shape == (625,) and _is_int(py_state.get('version'))
+            and (py_state.get('gauss_next') is None or isinstance(py_state['gauss_next'], float))):
+        return 'python is not a random.getstate() state'
+    return None
+
+
+def _state_field_problem(state):
+    """The first field of a training state whose type or range is wrong, in words, or None; checked at load, so that
+    --dry-run and the start of a run refuse what the loop would fail on later."""
+    for key in ('cur_nimg', 'cur_step', 'cur_tick', 'tick_start_nimg', 'sampler_nimg'):
+        if not _is_int(state[key]):
+            return f'{key} is {state[key]!r}, not a non-negative int'
+    if state['tick_start_nimg'] > state['cur_nimg']:
+        return f'tick_start_nimg {state["tick_start_nimg"]} lies beyond cur_nimg {state["cur_nimg"]}'
+    time_sec = state['total_time_sec']
+    if not (isinstance(time_sec, (int, float)) and not isinstance(time_sec, bool) and math.isfinite(time_sec) and time_sec >= 0):
+        return f'total_time_sec is {time_sec!r}, not a non-negative number'
+    if not _is_int(state['world_size'], minimum=1):
+        return f'world_size is {state["world_size"]!r}, not a positive int'
+    options = state['options']
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        return f'options is a {type(options).__name__}, not a dict of option names'
+    if not _is_int(options.get('seed')):
+        return f'options.seed is {options.get("seed")!r}, not a non-negative int'
+    for key in ('net', 'ema'):
+        if not _is_tensor_dict(state[key]) or not state[key]:
+            return f'{key} is not a state_dict of tensors'
+    optimizer = state['optimizer']
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get('state'), dict) and isinstance(optimizer.get('param_groups'), list)
+            and all(isinstance(group, dict) and isinstance(group.get('params'), list) for group in optimizer['param_groups'])):
+        return 'optimizer is not an optimizer state_dict (state and param_groups)'
+    if not isinstance(state['loss_fn'], dict) or not (state['augment_pipe'] is None or isinstance(state['augment_pipe'], dict)):
+        return 'loss_fn or augment_pipe is not a state_dict'
+    rng_states = state['rng_states']
+    if not isinstance(rng_states, list) or len(rng_states) != state['world_size']:
+        return f'rng_states is not a list of {state["world_size"]} (world_size) entries'
+    for rank, rng in enumerate(rng_states):
+        problem = _rng_problem(rng)
+        if problem is not None:
+            return f'rng_states[{rank}]: {problem}'
+    return None
 
 
 def save_training_state(path, net, ema, optimizer, loss_fn, augment_pipe, counters, total_time_sec, rng_states,
@@ -632,7 +700,7 @@ def restore_training_state(state, path, net, ema, optimizer, loss_fn, augment_pi
         loss_fn.load_state_dict(state['loss_fn'])
         if augment_pipe is not None and state['augment_pipe'] is not None:
             augment_pipe.load_state_dict(state['augment_pipe'])
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # a garbage optimizer state raises any
         reason = str(err).strip().splitlines()[0]
         raise TrainingStateError(f'{path} does not fit this network/optimizer: {reason}') from None
 
