@@ -554,3 +554,21 @@ def test_training_state_with_a_wrong_typed_field_is_refused_at_load(tmp_path, ch
     with pytest.raises(checkpoints.TrainingStateError, match='damaged') as info:
         checkpoints.load_training_state(path)
     assert fragment in str(info.value) and str(path) in str(info.value) and '\n' not in str(info.value)
+
+
+def test_transfer_into_a_network_with_more_levels_names_the_missing_tensors():
+    source = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2]))
+    target = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2, 2]))
+    with pytest.raises(checkpoints.TrainingStateError, match='88 missing from the snapshot: model.enc.4x4_down') as info:
+        checkpoints.check_transferable(dict(ema=source), target)
+    assert '\n' not in str(info.value)
+
+
+def test_transfer_of_a_network_with_more_tensors_is_refused():
+    source = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2, 2]))
+    with pytest.raises(checkpoints.TrainingStateError, match='not in the network'):
+        checkpoints.check_transferable(dict(ema=source), small_net())
+
+
+def test_transfer_of_the_same_architecture_is_accepted():
+    checkpoints.check_transferable(dict(ema=small_net()), small_net())

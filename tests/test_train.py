@@ -220,3 +220,10 @@ def test_resume_from_a_state_with_a_wrong_typed_field_is_an_error_under_dry_run(
     state = write_state(tmp_path / 'training-state-000000.pt', options=dict(seed='abc'))
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', f'--resume={state}', '-n')
     assert_one_line_error(result, '--resume', "options.seed is 'abc'")
+
+
+def test_transfer_from_a_snapshot_of_another_architecture_names_the_mismatch(tmp_path, unlabeled_zip):
+    from test_checkpoints import SMALL_SONG, save, small_net
+    snapshot = save(tmp_path / 'other.pkl', dict(ema=small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2]))))
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2,2', f'--transfer={snapshot}', '-n')
+    assert_one_line_error(result, '--transfer', 'other.pkl', 'does not fit the network', 'missing from the snapshot')

@@ -528,18 +528,20 @@ def load_transfer(path, net, verbose=True):
 
 
 def check_transferable(data, net):
-    """Check that the snapshot `data['ema']` has parameters of the same names and shapes as `net`."""
+    """Check that the snapshot `data['ema']` has exactly the parameter and buffer names and shapes of `net`: a partial
+    match would start some layers from the snapshot and the rest from scratch without a word."""
     src = data.get('ema') if isinstance(data, dict) else None
     if not isinstance(src, torch.nn.Module):
         raise TrainingStateError('holds no network under "ema"')
     src_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(src)}
     dst_shapes = {name: tuple(t.shape) for name, t in misc.named_params_and_buffers(net)}
-    wrong = [f'{name} {src_shapes[name]} vs {shape}' for name, shape in dst_shapes.items()
-             if name in src_shapes and src_shapes[name] != shape]
-    if wrong:
-        raise TrainingStateError(f'{len(wrong)} tensors differ in shape from the network, e.g. {wrong[0]}')
-    if not any(name in src_shapes for name in dst_shapes):
-        raise TrainingStateError('shares no parameter names with the network')
+    problems = [(f'{len(names)} missing from the snapshot', names) for names in [[n for n in dst_shapes if n not in src_shapes]] if names]
+    problems += [(f'{len(names)} not in the network', names) for names in [[n for n in src_shapes if n not in dst_shapes]] if names]
+    problems += [(f'{len(names)} of another shape', names) for names in [[f'{n} {src_shapes[n]} vs {shape}' for n, shape in dst_shapes.items()
+                                                                         if n in src_shapes and src_shapes[n] != shape]] if names]
+    if problems:
+        described = '; '.join(f'{what}: {", ".join(names[:3])}{", ..." if len(names) > 3 else ""}' for what, names in problems)
+        raise TrainingStateError(f'does not fit the network (same options needed, e.g. --arch, --cres, --cbase): {described}')
 
 
 STATE_FORMAT = 'fdm-training-state'
