@@ -47,7 +47,9 @@ import tqdm
 import dnnlib
 
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
-GRAYSCALE_MODES = frozenset(['1', 'L', 'LA', 'I', 'I;16', 'F'])
+GRAYSCALE_MODES = frozenset(['1', 'L', 'LA'])
+WIDE_GRAYSCALE_MODES = frozenset(['I', 'I;16', 'I;16L', 'I;16B', 'I;16N'])  # 16-bit PNGs and TIFFs; 'I' holds int32
+MAX_MEMBER_BYTES = 1 << 29  # an image or dataset.json in a source ZIP; a small ZIP can declare gigabytes of zeros
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times make the archive reproducible byte for byte
 MNIST_PAD_PIXELS = 2  # 28x28 -> 32x32, as EDM and StyleGAN2-ADA do
 
@@ -84,11 +86,23 @@ def decode_image(data_or_path, name):
         fp = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
         with PIL.Image.open(fp) as img:
             img.load()
-            mode = 'L' if img.mode in GRAYSCALE_MODES else 'RGB'
-            array = np.asarray(img if img.mode == mode else img.convert(mode))
+            if img.mode in WIDE_GRAYSCALE_MODES:
+                array = high_byte(np.asarray(img), name)
+            elif img.mode == 'F':
+                raise BadImage(name, 'floating-point pixels have no defined 8-bit scale; save it with 8 or 16 bits')
+            else:
+                mode = 'L' if img.mode in GRAYSCALE_MODES else 'RGB'
+                array = np.asarray(img if img.mode == mode else img.convert(mode))
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         raise BadImage(name, error) from None
     return array[:, :, np.newaxis] if array.ndim == 2 else array
+
+
+def high_byte(array, name):
+    """16-bit grayscale (0–65535) as 8 bits, value >> 8 as Pillow does for 16-bit RGB; PIL's convert('L') would clip."""
+    if array.size and (array.min() < 0 or array.max() > 65535):
+        raise BadImage(name, f'{array.dtype} pixels outside 0–65535; save it with 8 or 16 bits')
+    return (array.astype(np.uint32) >> 8).astype(np.uint8)
 
 
 def to_pil(image):
@@ -297,10 +311,17 @@ def open_image_zip(path):
                    key=sort_key)
     if not names:
         raise click.ClickException(f'--source: {path} holds no image files')
+    for name in ['dataset.json'] if 'dataset.json' in members else []:
+        if archive.getinfo(name).file_size > MAX_MEMBER_BYTES:
+            raise click.ClickException(f'--source: {path}/{name} declares {archive.getinfo(name).file_size:,} bytes, '
+                                       f'more than the {MAX_MEMBER_BYTES:,} a file of a dataset may hold')
     dataset_json = archive.read('dataset.json') if 'dataset.json' in members else None
     labels, note = assign_labels(names, dataset_json, f'{path}/dataset.json')
 
     def load(name):
+        declared = archive.getinfo(name).file_size
+        if declared > MAX_MEMBER_BYTES:  # refused before inflating it
+            raise BadImage(f'{path}/{name}', f'declares {declared:,} bytes, more than the {MAX_MEMBER_BYTES:,} a file of a dataset may hold')
         try:
             data = archive.read(name)
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:

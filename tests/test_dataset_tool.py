@@ -367,3 +367,34 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch, dest_name):
     result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / dest_name)
     assert result.exit_code != 0 and len(calls) == 4
     assert sorted(os.listdir(tmp_path)) == ['src']
+
+
+def test_16_bit_grayscale_png_keeps_its_high_byte(tmp_path):
+    wide = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0, 257, …: high byte = 0, 1, …
+    os.makedirs(tmp_path / 'src')
+    PIL.Image.fromarray(wide).save(tmp_path / 'src' / 'wide.png')
+    assert PIL.Image.open(tmp_path / 'src' / 'wide.png').mode == 'I;16'
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip')
+    assert result.exit_code == 0, result.output
+    images, _ = read_zip_dataset(tmp_path / 'o.zip')
+    np.testing.assert_array_equal(images[expected_names(1)[0]][:, :, 0], (wide >> 8).astype(np.uint8))
+
+
+def test_floating_point_image_is_refused_with_one_line(tmp_path):
+    os.makedirs(tmp_path / 'src')
+    PIL.Image.fromarray(np.full([16, 16], 0.5, dtype=np.float32)).save(tmp_path / 'src' / 'float.tif')
+    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'o.zip'), 'float.tif', 'floating-point')
+
+
+def test_zip_member_declaring_gigabytes_is_refused_before_reading(tmp_path):
+    source = tmp_path / 'bomb.zip'
+    with zipfile.ZipFile(source, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('big.png', bytes(1 << 20))
+    data = bytearray(source.read_bytes())
+    declared = (3 * 10**9).to_bytes(4, 'little')
+    local, central = data.index(b'PK\x03\x04'), data.index(b'PK\x01\x02')
+    data[local + 22:local + 26] = declared      # uncompressed size in the local header
+    data[central + 24:central + 28] = declared  # and in the central directory
+    source.write_bytes(bytes(data))
+    assert len(data) < 10_000
+    assert_one_line_error(run_tool('--source', source, '--dest', tmp_path / 'o.zip'), 'big.png', '3,000,000,000 bytes')
