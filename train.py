@@ -65,6 +65,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                type=click.IntRange(min=0, max=2**31 - 1))
 @click.option('--transfer',     help='Transfer learning from network pickle', metavar='PKL|URL',     type=str)
 @click.option('--resume',       help='Resume from training state (file or run directory)', metavar='PT|DIR', type=str)
+@click.option('--resume-force', help='Resume even with another dataset or network options than the state\'s', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)
 def main(**kwargs):
     """Train a diffusion model (FDM by default) as in "Fast Diffusion Model" and "Elucidating the Design Space

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,8 +235,22 @@ def test_resume_reports_every_option_that_differs_from_the_state(runs, data, tmp
     other_data = tmp_path / 'other.zip'
     other_data.write_bytes(pathlib.Path(data).read_bytes())
     changed = run_in_process(tiny_options(other_data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n',
-                                          '--lr=0.1', '--ema=0.5', '--dropout=0.2'))
+                                          '--lr=0.1', '--ema=0.5', '--dropout=0.2', '--resume-force'))
     report = changed.output[changed.output.index('Changed since the state'):]
     for line in (f'dataset_kwargs.path: "{data}" → "{other_data}"', 'optimizer_kwargs.lr: 0.002 → 0.1',
                  'ema_halflife_kimg: 0.02 → 500.0', 'network_kwargs.dropout: 0.1 → 0.2'):
         assert line in report, report
+
+
+@pytest.mark.parametrize('extra, fragment', [
+    (['--dropout=0.2'], 'network_kwargs.dropout: 0.1 → 0.2'),
+    (['--cres=1,1'], 'network_kwargs.channel_mult: [1, 2] → [1, 1]'),
+    ('other data', 'dataset_kwargs.path'),
+])
+def test_resume_with_another_dataset_or_network_is_refused_without_resume_force(runs, data, tmp_path, extra, fragment):
+    if extra == 'other data':
+        extra, data = [], shutil.copy(data, tmp_path / 'other.zip')
+    result = CliRunner().invoke(train.main, tiny_options(data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n', '--lr=0.1', *extra))
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code != 0 and len(errors) == 1 and fragment in errors[0] and '--resume-force' in errors[0], result.output
+    assert 'optimizer_kwargs.lr' not in errors[0]  # reported, not refused

@@ -30,7 +30,8 @@ DEFAULTS = dict(
     cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None,
     lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, label_dropout=0, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
-    desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, dry_run=False,
+    desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
+    dry_run=False,
 )
 
 
@@ -133,10 +134,11 @@ def check_precision(precision, device_type):
         raise click.BadParameter('this GPU does not support bfloat16; use fp16 or fp32', param_hint='--precision')
 
 
-def read_resume(c, resume):
+def read_resume(c, resume, resume_force=False):
     """Resolve --resume to a state, read it once, take the run's seed from it if none given.
 
-    Returns the state and the names of the options that differ from those it was written with.
+    Returns the state and the options that differ from those it was written with; a different dataset or network
+    is refused unless `resume_force`.
     """
     try:
         c.resume_state = checkpoints.resolve_resume_path(resume)
@@ -145,7 +147,19 @@ def read_resume(c, resume):
         raise click.ClickException(f'--resume: {err}')
     if c.seed is None:
         c.seed = state['options']['seed']
-    return state, changed_options(state['options'], c)
+    changes = changed_options(state['options'], c)
+    meaning = [change for change in changes if change.startswith(_RESUME_MEANING_OPTIONS)
+               and not change.startswith(_RESUME_MEANING_EXCEPT)]
+    if meaning and not resume_force:
+        raise click.ClickException(f'--resume: {c.resume_state} was trained on other data or another network '
+                                   f'({"; ".join(meaning)}); give --resume-force to continue it anyway')
+    return state, changes
+
+
+# Options whose change makes a resumed run train something else (refused without --resume-force), less their
+# performance settings.
+_RESUME_MEANING_OPTIONS = ('dataset_kwargs.', 'network_kwargs.')
+_RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
 
 
 # Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
@@ -215,7 +229,7 @@ def run(opts):
         raise click.ClickException(f'--cond=True needs class labels, but {opts.data} has none (dataset.json "labels")')
     c.dataset_kwargs.resolution = dataset.resolution
 
-    resume, resume_changes = read_resume(c, opts.resume) if opts.resume is not None else (None, [])
+    resume, resume_changes = read_resume(c, opts.resume, opts.resume_force) if opts.resume is not None else (None, [])
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
 
@@ -299,8 +313,8 @@ def _print_summary(c, opts, dataset, world_size, resume_changes):
     distributed.print0()
 
 
-_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run'}  # the others are --{name}
-_SWITCHES = ('nosubdir', 'dry_run')                                 # given without a value
+_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'resume_force': '--resume-force'}  # the others are --{name}
+_SWITCHES = ('nosubdir', 'dry_run', 'resume_force')                 # given without a value
 
 
 def command_line(options):
