@@ -48,25 +48,38 @@ def _feature_stats(detector, batches_of_images, num_batches, device, desc, keep_
     return stats.all_reduce()
 
 
-def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, device, option, keep_features=False):
-    """Feature statistics of `num_images` images (all when None) of a ZIP or folder, subset chosen by `seed`."""
+def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, device, option, keep_features=False,
+                   reference=None, ref_path=None):
+    """Feature statistics of `num_images` images (all when None) of a ZIP or folder, subset chosen by `seed`, and
+    the images' [C, H, W]; images of another shape than a `reference` that records it are refused first."""
     try:
         image_set = dataset.ImageFolderDataset(path=path, max_size=num_images, random_seed=seed)
     except dataset.DatasetError as e:
         raise click.BadParameter(str(e), param_hint=option) from None
+    _check_same_images(reference, image_set.resolution, image_set.num_channels, ref_path, path)
     if num_images is not None and len(image_set) < num_images:
         raise click.BadParameter(f'{path} holds {len(image_set)} images, fewer than --num={num_images}', param_hint=option)
     dist.print0(f'Reading {len(image_set)} images from {path}')
     batches = _rank_batches(len(image_set), max_batch_size)
     loader = torch.utils.data.DataLoader(image_set, batch_sampler=batches, num_workers=workers)
     batches_of_images = ((indices, images) for indices, (images, _labels) in zip(batches, loader))
-    return _feature_stats(detector, batches_of_images, len(batches), device, 'features', keep_features)
+    return _feature_stats(detector, batches_of_images, len(batches), device, 'features', keep_features), image_set.image_shape
+
+
+def _check_same_images(reference, resolution, channels, ref_path, what):
+    if reference is not None:
+        try:
+            metrics.check_same_images(reference, resolution, channels, ref_path, what)
+        except metrics.StatisticsError as e:
+            raise click.BadParameter(str(e), param_hint='--ref') from None
 
 
 def _network_stats(detector, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name, sampler_kwargs,
-                   max_batch_size, device, keep_features=False):
-    """Feature statistics of the images generate.py would write for `seeds`, without the PNG round trip."""
+                   max_batch_size, device, keep_features=False, reference=None, ref_path=None):
+    """Feature statistics of the images generate.py would write for `seeds`, without the PNG round trip; a network
+    of another image shape than a `reference` that records it is refused first."""
     net = cli.rank0_first(lambda: cli.load_network(network_pkl, device))
+    _check_same_images(reference, net.img_resolution, net.img_channels, ref_path, f'the network {network_pkl}')
     net = cli.guided_network(net, guidance, gnet_url, device)
     dist.print0(f'Generating {len(seeds)} images from {network_pkl} with the {sampler_name} sampler {sampler_kwargs}')
     batches = _rank_batches(len(seeds), max_batch_size)
@@ -143,8 +156,8 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
         raise click.BadParameter(f'{dest_path} is a folder; give the .npz file to write', param_hint='--dest')
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
-    stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
-                           keep_features=features_dtype is not None)
+    stats, image_shape = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
+                                        keep_features=features_dtype is not None)
     try:
         mu, sigma = stats.mean_cov()
     except metrics.StatisticsError as e:
@@ -152,7 +165,8 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     if dist.is_main():
         os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
         features = stats.features() if features_dtype is not None else None
-        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features, features_dtype or 'float32')
+        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features, features_dtype or 'float32',
+                                image_shape)
         print(f'Saved statistics{" and " + features_dtype + " features" if features is not None else ""} of '
               f'{stats.num} images to {dest_path}')
     dist.barrier()
@@ -208,11 +222,12 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
     dist.print0(f'Detector: {detector_net.identity}')
 
     if network_pkl is None:
-        stats = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images',
-                               keep_features=bool(needing_features))
+        stats, _ = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images',
+                                  keep_features=bool(needing_features), reference=reference, ref_path=ref_path)
     else:
         stats = _network_stats(detector_net, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name,
-                               sampler_kwargs, max_batch_size, device, keep_features=bool(needing_features))
+                               sampler_kwargs, max_batch_size, device, keep_features=bool(needing_features),
+                               reference=reference, ref_path=ref_path)
     if stats.feature_dim != len(reference['mu']):
         raise click.BadParameter(f'{ref_path} holds {len(reference["mu"])} features per image, the detector gives '
                                  f'{stats.feature_dim}', param_hint='--ref')

@@ -23,6 +23,7 @@ import generate
 from training import dataset
 from training import feature_metrics
 from training import networks
+from training import sampling
 from conftest import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,3 +347,25 @@ def test_ref_num_uses_the_seeded_subset_of_the_dataset(setup, tmp_path):
     with np.load(dest) as data:
         assert int(data['num_images']) == 20
         np.testing.assert_allclose(data['mu'], features.mean(0), rtol=1e-10)
+
+
+def test_ref_records_the_resolution_and_channels_of_its_images(setup):
+    with np.load(setup['ref']) as data:
+        assert int(data['resolution']) == 16 and int(data['channels']) == 3
+
+
+@pytest.mark.parametrize('resolution, channels', [(8, 3), (16, 1)])
+def test_calc_network_of_another_image_shape_than_the_reference_is_an_error_before_sampling(setup, tmp_path, monkeypatch, resolution, channels):
+    net = networks.EDMPrecond(img_resolution=resolution, img_channels=channels, model_channels=8, channel_mult=[1],
+                              num_blocks=1, attn_resolutions=[])
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': net}))
+    monkeypatch.setattr(sampling, 'generate_images', lambda *args: pytest.fail('images generated before the check'))
+    result = run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'], '--seeds', '0-3')
+    assert_one_line_error(result, f'3-channel 16x16 images, the network {network_pkl} gives {channels}-channel {resolution}x{resolution}')
+
+
+def test_calc_images_of_another_resolution_than_the_reference_is_an_error(setup, tmp_path):
+    small = write_zip(tmp_path / 'small.zip', random_images(2, 4, resolution=8))
+    result = run_fid('calc', '--images', small, '--ref', setup['ref'], '--detector', setup['detector'], '--num', 4)
+    assert_one_line_error(result, '3-channel 16x16 images')

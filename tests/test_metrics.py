@@ -321,3 +321,26 @@ def test_offline_detector_features_of_a_known_image_are_stable(offline_detector)
     expected = [4.3843, 3.52273, 3.07394, 2.98273, 2.94393, 2.81238, 2.55873, 2.54015]
     np.testing.assert_allclose(features[indices], expected, rtol=1e-4)
     assert np.linalg.norm(features) == pytest.approx(17.5812273, rel=1e-4)
+
+
+def test_statistics_file_records_the_image_shape_and_older_files_load_without(tmp_path):
+    path = tmp_path / 'ref.npz'
+    metrics.save_statistics(path, np.zeros(2), np.eye(2), 'x sha256:0', 5, image_shape=[3, 32, 32])
+    loaded = metrics.load_statistics(path, str(path))
+    assert loaded['resolution'] == 32 and loaded['channels'] == 3
+    metrics.check_same_images(loaded, 32, 3, str(path), 'the network')
+    with pytest.raises(metrics.StatisticsError, match='3-channel 32x32 images, the network gives 1-channel 16x16'):
+        metrics.check_same_images(loaded, 16, 1, str(path), 'the network')
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2))
+    older = metrics.load_statistics(path, str(path))
+    assert older['resolution'] is None and older['channels'] is None
+    metrics.check_same_images(older, 16, 1, str(path), 'the network')
+
+
+@pytest.mark.parametrize('field, value', [('resolution', np.array([16, 16])), ('num_images', np.array(-1)),
+                                          ('channels', np.array(3.5)), ('detector', np.array([1, 2]))])
+def test_statistics_with_a_malformed_record_are_refused(tmp_path, field, value):
+    path = tmp_path / 'bad.npz'
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), **{field: value})
+    with pytest.raises(metrics.StatisticsError, match=field):
+        metrics.load_statistics(path, str(path))

@@ -290,12 +290,14 @@ def feature_statistics(detector, image_batches, device, keep_features=False):
 FEATURE_DTYPES = ('float32', 'float16')  # how `fid.py ref --features` may store the feature matrix
 
 
-def save_statistics(path, mu, sigma, detector, num_images, features=None, features_dtype='float32'):
-    """Write `mu`, `sigma`, the detector identity, the image count and optionally the features [N, D] to an .npz
-    atomically."""
+def save_statistics(path, mu, sigma, detector, num_images, features=None, features_dtype='float32', image_shape=None):
+    """Write `mu`, `sigma`, the detector identity, the image count, optionally the features [N, D] and the images'
+    [C, H, W] (as `channels` and `resolution`) to an .npz atomically."""
     if features_dtype not in FEATURE_DTYPES:
         raise ValueError(f'features_dtype must be one of {list(FEATURE_DTYPES)}, got {features_dtype!r}')
     extra = {} if features is None else dict(features=np.asarray(features).astype(features_dtype))
+    if image_shape is not None:
+        extra.update(channels=np.array(image_shape[0], dtype=np.int64), resolution=np.array(image_shape[-1], dtype=np.int64))
     with dnnlib.util.atomic_write(path, 'wb') as f:
         np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
                  detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64), **extra)
@@ -322,13 +324,26 @@ def load_statistics(f, source):
     features = contents.get('features')
     if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
         raise StatisticsError(f'{source}: features {list(features.shape)} do not fit [N, {len(mu)}]')
-    return dict(
-        mu=mu,
-        sigma=sigma,
-        detector=str(contents['detector']) if 'detector' in contents else None,
-        num_images=int(contents['num_images']) if 'num_images' in contents else None,
-        features=features,
-    )
+    counts = {}
+    for name in ('num_images', 'resolution', 'channels'):  # absent from older files and EDM's published ones
+        value = contents.get(name)
+        if value is not None and (value.shape != () or value.dtype.kind not in 'iu' or value < 0):
+            raise StatisticsError(f'{source}: {name} is not a non-negative integer')
+        counts[name] = None if value is None else int(value)
+    detector = contents.get('detector')
+    if detector is not None and (detector.shape != () or detector.dtype.kind != 'U'):
+        raise StatisticsError(f'{source}: detector is not a string')
+    return dict(mu=mu, sigma=sigma, detector=None if detector is None else str(detector), features=features, **counts)
+
+
+def check_same_images(reference, resolution, channels, source, what):
+    """Refuse to compare images of another size or channel count than a reference that records them (FID would
+    compare different things and print a number)."""
+    for name, value in (('resolution', resolution), ('channels', channels)):
+        if reference.get(name) is not None and reference[name] != value:
+            raise StatisticsError(f'{source} holds statistics of {reference["channels"]}-channel '
+                                  f'{reference["resolution"]}x{reference["resolution"]} images, {what} gives '
+                                  f'{channels}-channel {resolution}x{resolution} images')
 
 
 def check_same_detector(ref_detector, detector, source):
