@@ -1,11 +1,14 @@
-"""Fault injection: a failing run ends within seconds with one line, keeps what it had written and leaves no litter."""
+"""Fault injection: a failing run ends within seconds with one line, keeps what it had written and leaves no litter;
+a run killed with SIGKILL (also mid-write) leaves only whole files under final names and resumes from the newest state."""
 
 import hashlib
 import os
 import pathlib
 import resource
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -86,3 +89,47 @@ def test_a_failing_state_write_ends_the_run_with_one_line_and_keeps_earlier_stat
     assert 'File too large' in errors[0] and 'earlier training states are intact' in errors[0]
     assert hashlib.sha256(pathlib.Path(earlier).read_bytes()).hexdigest() == earlier_digest
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
+
+
+def kill_when(args, run_dir, ready, timeout_sec=EXIT_TIMEOUT_SEC):
+    """Start train.py and SIGKILL it as soon as `ready(names in run_dir)`; returns the names seen then."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / 'train.py'), *map(str, args)], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_sec
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+            if ready(names):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return names
+            time.sleep(0.001)
+        pytest.fail(f'the moment to kill never came; train.py: {process.stderr.read().decode()[-2000:] if process.poll() is not None else "still running"}')
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+@pytest.mark.parametrize('moment', ['during a state write', 'between state writes'])
+def test_sigkill_leaves_no_corrupt_file_and_resume_continues_from_the_newest_state(data, tmp_path, moment):
+    def ready(names):  # after two states, so that there is one to resume from
+        writing = any(name.startswith('.training-state-') and name.endswith('.tmp') for name in names)
+        states = sum(name.startswith('training-state-') for name in names)
+        return states >= 2 and writing if moment == 'during a state write' else states >= 3
+    seen = kill_when(options(data, tmp_path, 1000), tmp_path, ready)
+    finished = [name for name in os.listdir(tmp_path) if name.startswith(('training-state-', 'network-snapshot-'))]
+    for name in finished:  # every file under a final name is whole
+        if name.endswith('.pt'):
+            checkpoints.load_training_state(tmp_path / name)
+        else:
+            checkpoints.load_network_pickle(tmp_path / name)
+    newest = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
+    steps = newest['cur_nimg'] // 4 + 2
+    result = CliRunner().invoke(train.main, options(data, tmp_path, steps, f'--resume={tmp_path}'))
+    assert result.exit_code == 0, result.output
+    resumed = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
+    assert resumed['cur_nimg'] == steps * 4 and resumed['cur_step'] == newest['cur_step'] + 2
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')], seen  # the kill's leftovers removed
