@@ -403,8 +403,11 @@ def load_training_state(path, mmap=False):
 
 
 def save_training_state(path, net, ema, optimizer, loss_fn, augment_pipe, counters, total_time_sec, rng_states,
-                        world_size, param_digests, options):
-    """Write a training state atomically; `counters` holds cur_nimg, cur_step, cur_tick, tick_start_nimg."""
+                        world_size, param_digests, options, power_ema=None):
+    """Write a training state atomically; `counters` holds cur_nimg, cur_step, cur_tick, tick_start_nimg.
+
+    `power_ema` (a training.ema.PowerEMA) adds its profiles under the optional key 'power_ema'.
+    """
     state = dict(
         format          = STATE_FORMAT,
         version         = STATE_VERSION,
@@ -424,6 +427,8 @@ def save_training_state(path, net, ema, optimizer, loss_fn, augment_pipe, counte
         param_digests   = param_digests,
         options         = options,
     )
+    if power_ema is not None:
+        state['power_ema'] = power_ema.state_dict()
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(state, f)
 
@@ -440,6 +445,21 @@ def restore_training_state(state, path, net, ema, optimizer, loss_fn, augment_pi
     except (RuntimeError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0]
         raise TrainingStateError(f'{path} does not fit this network/optimizer: {reason}') from None
+
+
+def restore_power_ema(state, path, power_ema):
+    """Load the power-EMA profiles of a training state; raises TrainingStateError naming `path`."""
+    if state.get('power_ema') is None:
+        raise TrainingStateError(f'{path} holds no power-EMA profiles (the run had no --ema_profiles); resume '
+                                 f'without --ema_profiles, or start a new run with them')
+    if state['power_ema']['step'] != state['cur_step']:
+        raise TrainingStateError(f'{path}: its power-EMA profiles are at step {state["power_ema"]["step"]}, '
+                                 f'the run at step {state["cur_step"]}')
+    try:
+        power_ema.load_state_dict(state['power_ema'])
+    except (RuntimeError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise TrainingStateError(f'{path} does not fit this run\'s power-EMA profiles: {reason}') from None
 
 
 def _cpu_state_dict(module):

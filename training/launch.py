@@ -18,8 +18,10 @@ from torch_utils import cpu_runtime
 from torch_utils import distributed
 from training import augment
 from training import checkpoints
+from training import ema as power_ema
 from training import networks
 from training import recipes
+from training import snapshot_metrics
 from training import training_loop
 from training.precision import PRECISIONS
 
@@ -29,6 +31,7 @@ DEFAULTS = dict(
     lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, dry_run=False,
+    ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia', metric_profiles=False,
 )
 
 
@@ -96,6 +99,8 @@ def build_config(opts, world_size):
         raise click.BadParameter(str(err), param_hint=err.option) from None
 
     c.update(
+        ema_profiles        = _ema_profiles(opts.ema_profiles),
+        metric_kwargs       = _metric_kwargs(opts),
         seed                = opts.seed,
         batch_size          = opts.batch,
         batch_gpu           = batch_gpu,
@@ -116,6 +121,40 @@ def build_config(opts, world_size):
         device              = opts.device,
     )
     return c
+
+
+def _ema_profiles(text):
+    """--ema_profiles=0.05,0.10 → [0.05, 0.1]; None when not given."""
+    if text is None or text == '':
+        return None
+    try:
+        stds = [float(item) for item in str(text).split(',')] if not isinstance(text, (list, tuple)) else list(text)
+        for std in stds:
+            power_ema.check_std(std)
+    except ValueError as err:
+        raise click.BadParameter(f'{text!r}: {err}', param_hint='--ema_profiles') from None
+    if len(set(stds)) != len(stds):
+        raise click.BadParameter(f'{text!r} lists a σ_rel twice', param_hint='--ema_profiles')
+    return stds
+
+
+def _metric_kwargs(opts):
+    """Options of snapshot_metrics.SnapshotMetrics, or None without --metrics."""
+    if opts.metrics is None:
+        for name in ('metric_ref', 'metric_num'):
+            if opts[name] is not None:
+                raise click.UsageError(f'--{name} applies only with --metrics=fid')
+        return None
+    if opts.metrics != 'fid':
+        raise click.BadParameter(f'{opts.metrics!r}: the only metric is fid', param_hint='--metrics')
+    if opts.metric_ref is None:
+        raise click.UsageError('--metrics=fid needs --metric_ref=NPZ (reference statistics, from fid.py ref)')
+    if '://' not in opts.metric_ref and not os.path.isfile(opts.metric_ref):
+        raise click.BadParameter(f'{opts.metric_ref}: file not found', param_hint='--metric_ref')
+    if opts.metric_profiles and not opts.ema_profiles:
+        raise click.UsageError('--metric_profiles=True needs --ema_profiles')
+    return dnnlib.EasyDict(metric=opts.metrics, ref=opts.metric_ref, num_images=opts.metric_num,
+                           detector=opts.metric_detector, profiles=bool(opts.metric_profiles))
 
 
 def check_precision(precision, device_type):
@@ -186,6 +225,8 @@ def run(opts):
     if opts.cond and not dataset.has_labels:
         raise click.ClickException(f'--cond=True needs class labels, but {opts.data} has none (dataset.json "labels")')
     c.dataset_kwargs.resolution = dataset.resolution
+    if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
+        c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 
     resume, resume_changes = read_resume(c, opts.resume) if opts.resume is not None else (None, [])
     if c.seed is None:
@@ -228,7 +269,7 @@ def run(opts):
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
-    except checkpoints.TrainingStateError as err:
+    except (checkpoints.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
         raise click.ClickException(str(err))
     finally:
         if logger is not None:
