@@ -23,7 +23,7 @@ from training.precision import PRECISIONS, default_sampling_precision  # noqa: E
 
 # Named network configurations: preconditioner, architecture preset and the options that override it.
 CONFIGS = {
-    'ddpmpp-c32': dict(             # the reference: the published generate.py makes 1.43 img/s (EDM, 2 CPU cores)
+    'ddpmpp-c32': dict(             # the network of benchmarks/compare_published.py (2.7 M parameters)
         precond     = 'fdm_edm',
         arch        = 'ddpmpp',
         resolution  = 32,

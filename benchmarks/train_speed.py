@@ -40,7 +40,7 @@ CONFIGS = {
         batch       = dict(cpu=16, cuda=512),
         batch_gpu   = dict(cpu=None, cuda=128),
     ),
-    'small': dict(                  # the reference: the published code takes ~57 s/kimg on 2 CPU cores
+    'small': dict(                  # the configuration benchmarks/compare_published.py runs side by side
         resolution  = 32,
         channels    = 3,
         num_classes = 0,

@@ -109,6 +109,31 @@ def test_fid_speed_prints_table_and_json(tmp_path, tiny_detector):
     assert 'images/s' in table_rows[1] and 'one FID' in table_rows[2]
 
 
+
+def test_gpu_bench_smoke_on_cpu_prints_one_table_and_writes_every_row(tmp_path, tiny_detector):
+    json_path = tmp_path / 'x.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run(['bash', str(REPO_ROOT / 'benchmarks/gpu_bench.sh'), '--smoke', '--device=cpu',
+                             f'--detector={tiny_detector}', f'--out={json_path}'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+    report = json.loads(json_path.read_text())
+    assert report['date'] == report['machine']['date'] and report['device'] == 'cpu'
+    rows = {(row['kind'], row['precision'], row['channels_last'], row['compile'], row.get('solver')): row
+            for row in report['rows']}
+    assert len(rows) == len(report['rows']) == 9 + 8 + 1  # training, two precisions x four solvers, detector
+    baseline = rows['train', 'fp32', False, False, None]
+    assert baseline['images_per_s'] > 0 and baseline['ratio_to_fp32'] == 1
+    assert rows['train', 'bf16', True, True, None]['status'] == 'n/a (needs CUDA)'
+    assert {solver: rows['sample', 'fp32', True, False, solver]['nfe'] for solver in ('edm', 'euler', 'dpm', 'dpm2m')} \
+        == {'edm': 3, 'euler': 2, 'dpm': 2, 'dpm2m': 2}
+    assert rows['sample', 'bf16', True, False, 'edm']['status'] == 'n/a (needs CUDA)'
+    assert rows['features', 'fp32', False, False, None]['images_per_s'] > 0
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith('|')]
+    assert len(table_lines) == 2 + len(rows)
+    assert table_lines[0].split('|')[1].strip() == 'measure' and 'img/s' in table_lines[0]
+
+
 # Convergence study.
 
 

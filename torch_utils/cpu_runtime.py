@@ -7,7 +7,7 @@ import os
 import sys
 
 # glibc mallopt() parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
+_M_TRIM_THRESHOLD = -1      # value -1: never give the top of the heap back (mallopt(3))
 _M_MMAP_THRESHOLD = -3
 
 openmp_wait_policy = 'not chosen'   # What choose_openmp_wait_policy() decided, for the start-up report.
@@ -58,6 +58,6 @@ def keep_freed_memory():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, -1))
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator as it is
         return False
