@@ -198,3 +198,15 @@ def test_resume_from_a_corrupt_state_is_an_error(tmp_path, unlabeled_zip, conten
 def test_resume_from_a_directory_without_states_is_an_error(tmp_path, unlabeled_zip):
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', f'--resume={tmp_path}', '-n')
     assert_one_line_error(result, '--resume', 'no training-state')
+
+
+def test_resume_auto_finds_the_newest_state_of_the_newest_matching_run(tmp_path):
+    assert launch.find_auto_resume(str(tmp_path / 'missing'), 'data-uncond', False) is None
+    for name, states in (('00000-data-uncond', [0, 5]), ('00001-data-uncond', [2]), ('00002-data-uncond', []),
+                         ('00003-other-uncond', [9])):
+        (tmp_path / name).mkdir()
+        for kimg in states:
+            (tmp_path / name / f'training-state-{kimg:06d}.pt').write_bytes(b'')
+    found = launch.find_auto_resume(str(tmp_path), 'data-uncond', False)
+    assert found == str(tmp_path / '00001-data-uncond' / 'training-state-000002.pt')
+    assert launch.find_auto_resume(str(tmp_path / '00002-data-uncond'), 'data-uncond', True) is None

@@ -179,6 +179,24 @@ def read_resume(c, resume):
     return state, changed
 
 
+def find_auto_resume(outdir, desc, nosubdir):
+    """--resume=auto: the newest training state of the newest run directory `{id}-{desc}` in `outdir` that has
+    one (`outdir` itself with --nosubdir); None when there is none, so that the first launch starts afresh."""
+    if not os.path.isdir(outdir):
+        return None
+    if nosubdir:
+        candidates = [outdir]
+    else:
+        runs = [(int(m.group(1)), name) for name in os.listdir(outdir) if (m := re.fullmatch(r'(\d+)-(.*)', name)) and m.group(2) == desc]
+        candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
+    for run_dir in candidates:
+        try:
+            return checkpoints.resolve_resume_path(run_dir)
+        except checkpoints.TrainingStateError:
+            continue
+    return None
+
+
 def read_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
     try:
@@ -228,7 +246,16 @@ def run(opts):
     if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
         c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 
-    resume, resume_changes = read_resume(c, opts.resume) if opts.resume is not None else (None, [])
+    cond_str = 'cond' if opts.cond else 'uncond'
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{c.precision}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+
+    resume_path = opts.resume
+    if resume_path == 'auto':
+        resume_path = _broadcast_from_rank0(find_auto_resume(opts.outdir, desc, opts.nosubdir))
+        distributed.print0(f'--resume=auto: {"continuing " + resume_path if resume_path else "no training state yet; starting afresh"}')
+    resume, resume_changes = read_resume(c, resume_path) if resume_path is not None else (None, [])
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
 
@@ -236,11 +263,6 @@ def run(opts):
     if opts.dry_run or opts.transfer is not None:
         net = dry_run_build(c, dataset)
     transfer = read_transfer(opts.transfer, net) if opts.transfer is not None else None
-
-    cond_str = 'cond' if opts.cond else 'uncond'
-    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{c.precision}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
 
     if opts.dry_run:
         c.run_dir = None
