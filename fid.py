@@ -22,6 +22,7 @@ import dnnlib.util  # noqa: E402
 from torch_utils import distributed as dist  # noqa: E402
 from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
+from training import feature_metrics  # noqa: E402
 from training import metrics  # noqa: E402
 from training import sampling  # noqa: E402
 
@@ -35,17 +36,19 @@ def _rank_batches(num_items, max_batch_size):
     return [batch.tolist() for batch in batches if len(batch)]
 
 
-def _feature_stats(detector, batches_of_images, num_batches, device, desc):
-    """Accumulate detector features of uint8 image batches on this rank, then sum them over all ranks."""
+def _feature_stats(detector, batches_of_images, num_batches, device, desc, keep_features):
+    """Accumulate detector features of (item indices, uint8 images) batches on this rank, then sum them over all
+    ranks (and gather the features themselves with `keep_features`)."""
     progress = tqdm.tqdm(batches_of_images, total=num_batches, desc=desc, unit='batch', disable=not dist.is_main())
     try:
-        stats = metrics.feature_statistics(detector, progress, device)
+        batches = progress if keep_features else (images for _indices, images in progress)
+        stats = metrics.feature_statistics(detector, batches, device, keep_features)
     except dataset.DatasetError as e:  # from a DataLoader worker the message carries its traceback; keep the last line
         raise click.ClickException(str(e).strip().splitlines()[-1]) from None
     return stats.all_reduce()
 
 
-def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, device, option):
+def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, device, option, keep_features=False):
     """Feature statistics of `num_images` images (all when None) of a ZIP or folder, subset chosen by `seed`."""
     try:
         image_set = dataset.ImageFolderDataset(path=path, max_size=num_images, random_seed=seed)
@@ -56,22 +59,25 @@ def _dataset_stats(detector, path, num_images, seed, max_batch_size, workers, de
     dist.print0(f'Reading {len(image_set)} images from {path}')
     batches = _rank_batches(len(image_set), max_batch_size)
     loader = torch.utils.data.DataLoader(image_set, batch_sampler=batches, num_workers=workers)
-    return _feature_stats(detector, (images for images, _labels in loader), len(batches), device, desc='features')
+    batches_of_images = ((indices, images) for indices, (images, _labels) in zip(batches, loader))
+    return _feature_stats(detector, batches_of_images, len(batches), device, 'features', keep_features)
 
 
-def _network_stats(detector, network_pkl, seeds, class_idx, precision, sampler_name, sampler_kwargs, max_batch_size, device):
+def _network_stats(detector, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name, sampler_kwargs,
+                   max_batch_size, device, keep_features=False):
     """Feature statistics of the images generate.py would write for `seeds`, without the PNG round trip."""
     net = cli.rank0_first(lambda: cli.load_network(network_pkl, device))
+    net = cli.guided_network(net, guidance, gnet_url, device)
     dist.print0(f'Generating {len(seeds)} images from {network_pkl} with the {sampler_name} sampler {sampler_kwargs}')
     batches = _rank_batches(len(seeds), max_batch_size)
     def images():
         for batch in batches:
             try:
-                yield sampling.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
-                                               class_idx, precision)
+                yield batch, sampling.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
+                                                      class_idx, precision)
             except ValueError as e:
                 raise click.ClickException(f'--network {network_pkl}: {e}') from None
-    return _feature_stats(detector, images(), len(batches), device, desc='generate+features')
+    return _feature_stats(detector, images(), len(batches), device, 'generate+features', keep_features)
 
 
 def _load_reference(ref_path):
@@ -124,20 +130,29 @@ def _init(device, detector, precision=None):
 @click.option('--dest', 'dest_path',     help='Statistics file to write', metavar='NPZ',               type=str, required=True)
 @click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',                  help='Seed of the subset', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--features', 'features_dtype', help='Also store the features of these images (for KID, precision/recall)  [default: off; float32 when given without a value]',
+              type=click.Choice(list(metrics.FEATURE_DTYPES)), is_flag=False, flag_value='float32')
 @_common_options
-def ref(data_path, dest_path, num_images, seed, max_batch_size, workers, detector, device):
-    """Write the feature statistics of every image of a dataset (or of a seeded subset, --num)."""
+def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, workers, detector, device):
+    """Write the feature statistics of every image of a dataset (or of a seeded subset, --num).
+
+    With --features the file also holds the feature matrix of the same images, which `calc --metrics=kid,pr`
+    needs; bound its size with --num.
+    """
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
-    stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data')
+    stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
+                           keep_features=features_dtype is not None)
     try:
         mu, sigma = stats.mean_cov()
     except metrics.StatisticsError as e:
         raise click.BadParameter(f'{data_path}: {e}', param_hint='--data') from None
     if dist.is_main():
         os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
-        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num)
-        print(f'Saved statistics of {stats.num} images to {dest_path}')
+        features = stats.features() if features_dtype is not None else None
+        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features, features_dtype or 'float32')
+        print(f'Saved statistics{" and " + features_dtype + " features" if features is not None else ""} of '
+              f'{stats.num} images to {dest_path}')
     dist.barrier()
     dist.shutdown()
 
@@ -148,21 +163,29 @@ def ref(data_path, dest_path, num_images, seed, max_batch_size, workers, detecto
 @click.option('--ref', 'ref_path',       help='Reference statistics', metavar='NPZ|URL',               type=str, required=True)
 @click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',                  help='Seed of the subset drawn when --images holds more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--metrics', 'metric_list', help='Comma-separated: fid, kid (x1e3, ± standard error), pr (precision, recall)', metavar='LIST',
+              type=str, default='fid', show_default=True)
 @_common_options
 @click.option('--seeds',                 help='--network: seeds of the images [default: 0 to num-1]', metavar='LIST', type=cli.SeedList())
 @cli.sampler_options
-def calc(image_path, network_pkl, ref_path, num_images, seed, max_batch_size, workers, detector, device, seeds,
-         class_idx, precision, **sampler_options):
-    """FID of images (a folder, a ZIP, or generated on the fly) against reference statistics.
+def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_batch_size, workers, detector, device, seeds,
+         class_idx, precision, guidance, gnet_url, **sampler_options):
+    """FID (and KID, precision/recall) of images (a folder, a ZIP, or generated on the fly) against a reference.
 
     With --network, the images are those generate.py writes for --seeds with the same sampler options
-    (--class, --steps, --solver, ... --precision, as in generate.py).
+    (--class, --steps, --solver, ... --precision, as in generate.py). KID and precision/recall need a
+    reference written with `fid.py ref --features`.
     """
+    metric_names = list(dict.fromkeys(name.strip() for name in metric_list.split(',')))
+    for name in metric_names:
+        if name not in feature_metrics.METRICS:
+            raise click.BadParameter(f'{name!r} is not one of {", ".join(feature_metrics.METRICS)}', param_hint='--metrics')
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
-    if network_pkl is None and (seeds is not None or class_idx is not None or precision is not None
-                                or any(value is not None for value in sampler_options.values())):
-        raise click.UsageError('--seeds, --class, --precision and the sampler options apply to --network only')
+    if network_pkl is None and any(value is not None for value in [seeds, class_idx, precision, guidance, gnet_url,
+                                                                    *sampler_options.values()]):
+        raise click.UsageError('--seeds, --class, --guidance, --gnet, --precision and the sampler options apply to '
+                               '--network only')
     if seeds is not None and num_images is not None and num_images != len(seeds):
         raise click.BadParameter(f'--seeds lists {len(seeds)} seeds but --num={num_images}', param_hint='--num')
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
@@ -176,23 +199,48 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, max_batch_size, wo
         metrics.check_same_detector(reference['detector'], detector_net, ref_path)
     except metrics.StatisticsError as e:
         raise click.BadParameter(str(e), param_hint='--ref') from None
+    needing_features = [name for name in metric_names if name in feature_metrics.NEEDS_FEATURES]
+    if needing_features and reference['features'] is None:
+        raise click.BadParameter(f'{",".join(needing_features)} need reference features, which {ref_path} lacks; '
+                                 f'make it with fid.py ref --features', param_hint='--metrics')
     dist.print0(f'Detector: {detector_net.identity}')
 
     if network_pkl is None:
-        stats = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images')
+        stats = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images',
+                               keep_features=bool(needing_features))
     else:
-        stats = _network_stats(detector_net, network_pkl, seeds, class_idx, precision, sampler_name, sampler_kwargs,
-                               max_batch_size, device)
+        stats = _network_stats(detector_net, network_pkl, seeds, class_idx, precision, guidance, gnet_url, sampler_name,
+                               sampler_kwargs, max_batch_size, device, keep_features=bool(needing_features))
     if stats.feature_dim != len(reference['mu']):
         raise click.BadParameter(f'{ref_path} holds {len(reference["mu"])} features per image, the detector gives '
                                  f'{stats.feature_dim}', param_hint='--ref')
+    results = None
     if dist.is_main():
-        fid = metrics.frechet_distance(*stats.mean_cov(), reference['mu'], reference['sigma'])
-        print(f'FID of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
-              f'detector {detector_net.identity}:')
-        print(f'{fid:g}')
+        results = feature_metrics.evaluate(metric_names, stats, reference, device)
+        if metric_names == ['fid']:
+            print(f'FID of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
+                  f'detector {detector_net.identity}:')
+            print(f'{results["fid"]:g}')
+        else:
+            print(f'Metrics of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
+                  f'detector {detector_net.identity}:')
+            print(format_results(results))
     dist.barrier()
     dist.shutdown()
+    return results
+
+
+def format_results(results):
+    """One line per value: `fid 3.21`, `kid 1.23 0.04` (×10³, standard error), `precision 0.6`, `recall 0.5`."""
+    lines = []
+    for name, value in results.items():
+        if name == 'fid':
+            lines.append(f'fid {value:g}')
+        elif name == 'kid':
+            lines.append(f'kid {value[0]:g} {value[1]:g}')
+        else:
+            lines += [f'precision {value[0]:g}', f'recall {value[1]:g}']
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

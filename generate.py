@@ -68,7 +68,8 @@ def gather_to_main(images_by_seed):
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @cli.sampler_options
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, precision, **sampler_options):
+def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_size, device, precision, guidance, gnet_url,
+         **sampler_options):
     """Generate images from a trained diffusion model.
 
     \b
@@ -90,6 +91,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     distributed.print0(f'Loading network from "{network_url}"...')
     net = cli.rank0_first(lambda: cli.load_network(network_url, device))  # a URL is downloaded into the cache once
     cli.check_class_idx(class_idx, net)
+    net = cli.guided_network(net, guidance, gnet_url, device)
 
     rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '

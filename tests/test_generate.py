@@ -18,11 +18,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = '0-3,1000'
 
 
-def tiny_net(label_dim):
+def tiny_net(label_dim, label_dropout=0, img_resolution=8):
     """A small EDM net whose weights are perturbed, so that the images depend on every input (labels too)."""
     torch.manual_seed(0)
-    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type='SongUNet',
-        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0).eval()
+    net = networks.EDMPrecond(img_resolution=img_resolution, img_channels=3, label_dim=label_dim, model_type='SongUNet',
+        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0,
+        label_dropout=label_dropout).eval()
     with torch.no_grad():
         for param in net.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -31,12 +32,14 @@ def tiny_net(label_dim):
 
 @pytest.fixture(scope='module')
 def network_pickles(tmp_path_factory):
-    """Snapshots in this project's format: a conditional (4 classes) and an unconditional tiny EDM net."""
+    """Snapshots in this project's format: conditional (4 classes; trained with label dropout or not), unconditional,
+    and a conditional one of another resolution."""
     folder = tmp_path_factory.mktemp('networks')
     paths = {}
-    for name, label_dim in (('cond', 4), ('uncond', 0)):
+    for name, kwargs in (('cond', dict(label_dim=4)), ('uncond', dict(label_dim=0)),
+                         ('cfg', dict(label_dim=4, label_dropout=0.1)), ('cond16', dict(label_dim=4, img_resolution=16))):
         paths[name] = folder / f'{name}.pkl'
-        paths[name].write_bytes(pickle.dumps({'ema': tiny_net(label_dim)}))
+        paths[name].write_bytes(pickle.dumps({'ema': tiny_net(**kwargs)}))
     return paths
 
 
@@ -122,6 +125,20 @@ def test_fixed_class_changes_the_images(network_pickles, batch3_files, tmp_path)
     assert (tmp_path / '000000.png').read_bytes() != batch3_files['000000.png']
 
 
+def test_guidance_one_gives_the_same_files(network_pickles, batch3_files, tmp_path):
+    assert generate_files(network_pickles['cond'], tmp_path, '--batch', 3, '--guidance', 1) == batch3_files
+
+
+def test_autoguidance_by_the_network_itself_gives_the_same_files(network_pickles, batch3_files, tmp_path):
+    assert generate_files(network_pickles['cond'], tmp_path, '--gnet', network_pickles['cond'], '--guidance', 2.5) == batch3_files
+
+
+def test_classifier_free_guidance_changes_the_images(network_pickles, tmp_path):
+    unguided = generate_files(network_pickles['cfg'], tmp_path / 'unguided', '--seeds', 0)
+    guided = generate_files(network_pickles['cfg'], tmp_path / 'guided', '--seeds', 0, '--guidance', 3)
+    assert guided != unguided
+
+
 def test_gray_images_are_saved_as_single_channel_png(tmp_path):
     image = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
     generate.save_png(tmp_path / 'gray.png', image)
@@ -178,11 +195,16 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--solver', 'dpm2m', '--S_churn', '10'], '--S_churn'),
     (['--outdir', None], '--outdir'),
     (['--precision', 'bf16'], '--precision'),
+    (['--guidance', '2'], '--guidance'),
+    (['--network', '{uncond}', '--guidance', '2'], '--guidance'),
+    (['--gnet', '{cond16}'], '--gnet'),
+    (['--gnet', '{uncond}', '--guidance', '2'], '--gnet'),
+    (['--gnet', '{missing}'], '--gnet'),
 ])
 def test_bad_input_is_a_one_line_error(network_pickles, tmp_path, args, message):
     garbage = tmp_path / 'garbage.pkl'
     garbage.write_bytes(b'not a pickle')
-    paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'])
+    paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'], cond16=network_pickles['cond16'])
     defaults = {'--network': str(network_pickles['cond']), '--outdir': str(tmp_path / 'out'), '--steps': '3', '--seeds': '0',
         '--device': 'cpu'}
     for flag, value in zip(args[::2], args[1::2]):

@@ -118,7 +118,32 @@ def test_published_statistics_without_detector_record_load(tmp_path):
     path = tmp_path / 'edm.npz'
     np.savez(path, mu=np.zeros(2), sigma=np.eye(2))
     loaded = metrics.load_statistics(path, str(path))
-    assert loaded['detector'] is None and loaded['num_images'] is None
+    assert loaded['detector'] is None and loaded['num_images'] is None and loaded['features'] is None
+
+
+@pytest.mark.parametrize('dtype', metrics.FEATURE_DTYPES)
+def test_statistics_file_keeps_features_in_the_chosen_dtype(tmp_path, dtype):
+    features = np.random.default_rng(0).standard_normal([5, 3])
+    path = tmp_path / 'ref.npz'
+    metrics.save_statistics(path, features.mean(0), np.cov(features, rowvar=False), 'x sha256:0', 5, features, dtype)
+    loaded = metrics.load_statistics(path, str(path))
+    assert loaded['features'].dtype == dtype
+    np.testing.assert_array_equal(loaded['features'], features.astype(dtype))
+
+
+def test_statistics_with_features_of_another_width_are_refused(tmp_path):
+    path = tmp_path / 'bad.npz'
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(2), features=np.zeros([4, 3], dtype=np.float32))
+    with pytest.raises(metrics.StatisticsError, match='do not fit'):
+        metrics.load_statistics(path, str(path))
+
+
+def test_kept_features_come_back_in_item_order_however_appended():
+    features = torch.arange(12, dtype=torch.float64).reshape(6, 2)
+    stats = metrics.FeatureStats(2, keep_features=True)
+    stats.append(features[[4, 1]], indices=[4, 1])
+    stats.append(features[[0, 5, 2, 3]], indices=[0, 5, 2, 3])
+    np.testing.assert_array_equal(stats.features(), features.numpy())
 
 
 def test_statistics_without_sigma_are_refused(tmp_path):

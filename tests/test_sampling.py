@@ -232,6 +232,94 @@ def test_heun_and_dpm_solver_converge_faster_than_euler():
     assert dpm > 2.5
 
 
+# Guidance.
+
+
+class ClassGaussianToy(GaussianToy):
+    """Class c ~ N(means[c], s²), the all-zero label ~ N(uncond_mean, s²): D_uncond + w·(D_c − D_uncond) is then the exact
+    denoiser of N(uncond_mean + w·(means[c] − uncond_mean), s²). Records the batch size of each call."""
+
+    label_dim = 2
+
+    def __init__(self, means=(1.0, -0.5), uncond_mean=0.25, std=0.5, label_dropout=0.1):
+        super().__init__(uncond_mean, std)
+        self.means, self.batch_sizes = torch.tensor(means, dtype=torch.float64), []
+        self.model = type('Model', (), dict(label_dropout=label_dropout))()
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.batch_sizes.append(len(x))
+        labels = class_labels.to(torch.float64)
+        mean = (labels @ self.means + (1 - labels.sum(1)) * self.mean).reshape(-1, 1, 1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return mean + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x - mean)
+
+
+@pytest.mark.parametrize('solver_id', ['edm', 'euler', 'dpm', 'dpm2m'])
+@pytest.mark.parametrize('guidance', [0, 2.5])
+def test_classifier_free_guidance_moves_the_mean_as_the_closed_form_says(solver_id, guidance):
+    net = ClassGaussianToy()
+    labels = torch.eye(2, dtype=torch.float64)[[0] * len(toy_latents())]
+    name, options = SOLVERS[solver_id]
+    guided = sampling.guided_denoiser(net, guidance)
+    samples = sampling.SAMPLERS[name](guided, toy_latents(), labels, num_steps=64, **options)
+    guided_mean = net.mean + guidance * (net.means[0].item() - net.mean)
+    expected = GaussianToy(guided_mean, net.std).exact_sample(toy_latents())
+    assert samples.mean().item() == pytest.approx(expected.mean().item(), abs=0.01)
+    assert abs(samples.mean().item() - net.means[0].item()) > 0.5  # far from the unguided mean
+
+
+def test_classifier_free_guidance_evaluates_both_labels_in_one_batched_call():
+    net = ClassGaussianToy()
+    labels = torch.eye(2, dtype=torch.float64)[[1] * 4]
+    sampling.edm_sampler(sampling.guided_denoiser(net, 2), toy_latents(4), labels, num_steps=3)
+    assert net.batch_sizes == [8] * 5
+
+
+def test_guidance_weight_one_is_the_network_itself():
+    net = ClassGaussianToy(label_dropout=0)
+    assert sampling.guided_denoiser(net, 1) is net
+    assert sampling.guided_denoiser(net, 1, gnet=ClassGaussianToy()) is net
+
+
+@pytest.mark.parametrize('guidance', [0, 0.5, 3])
+def test_autoguidance_by_the_network_itself_gives_the_same_samples(guidance):
+    net = ClassGaussianToy(label_dropout=0)
+    labels = torch.eye(2, dtype=torch.float64)[[0, 1] * 2]
+    unguided = sampling.edm_sampler(net, toy_latents(4), labels, num_steps=4)
+    guided = sampling.edm_sampler(sampling.guided_denoiser(net, guidance, gnet=net), toy_latents(4), labels, num_steps=4)
+    assert torch.equal(guided, unguided)
+
+
+def test_guided_denoiser_offers_what_samplers_read():
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=2, model_type='SongUNet', model_channels=16,
+                              channel_mult=[1], num_blocks=1, attn_resolutions=[], label_dropout=0.1).eval()
+    guided = sampling.guided_denoiser(net, 2)
+    assert (guided.img_resolution, guided.img_channels, guided.label_dim) == (8, 3, 2)
+    assert (guided.sigma_min, guided.sigma_max) == (net.sigma_min, net.sigma_max)
+    assert torch.equal(guided.round_sigma(torch.tensor([0.5])), net.round_sigma(torch.tensor([0.5])))
+    assert sampling.trained_label_dropout(net) == 0.1
+
+
+@pytest.mark.parametrize('label_dim, label_dropout, gnet_changes, option, fragment', [
+    (0, 0.1, None, '--guidance', 'unconditional'),
+    (2, 0, None, '--guidance', 'label dropout'),
+    (2, 0.1, dict(img_resolution=16), '--gnet', 'img_resolution'),
+    (2, 0.1, dict(img_channels=3), '--gnet', 'img_channels'),
+    (2, 0.1, dict(label_dim=0), '--gnet', 'label_dim'),
+])
+def test_unusable_guidance_is_a_guidance_error_naming_the_option(label_dim, label_dropout, gnet_changes, option, fragment):
+    net = ClassGaussianToy(label_dropout=label_dropout)
+    net.label_dim = label_dim
+    gnet = None
+    if gnet_changes is not None:
+        gnet = ClassGaussianToy()
+        for name, value in gnet_changes.items():
+            setattr(gnet, name, value)
+    with pytest.raises(sampling.GuidanceError, match=fragment) as error:
+        sampling.guided_denoiser(net, 2, gnet)
+    assert error.value.option == option
+
+
 # CUDA.
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')

@@ -138,6 +138,13 @@ def test_fp16_and_bf16_precision_options(tmp_path, unlabeled_zip):
     assert bf16['precision'] == 'bf16' and bf16['network_kwargs']['use_fp16'] is False
 
 
+def test_label_dropout_is_recorded_in_the_network_options(tmp_path, labeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={labeled_zip}', '--cond=1', '--label_dropout=0.1', '--cbase=16',
+                     '--cres=1,2', '-n')
+    assert result.exit_code == 0, result.output
+    assert printed_config(result.output)['network_kwargs']['label_dropout'] == 0.1
+
+
 def test_run_directories_are_numbered_and_hold_options(tmp_path):
     first = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
     second = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
@@ -153,6 +160,7 @@ def test_run_directories_are_numbered_and_hold_options(tmp_path):
     (['--arch=unet'], ['--arch']),
     (['--precision=fp32', '--fp16=1'], ['--fp16']),
     (['--resume=x.pt', '--transfer=y.pkl'], ['--transfer', '--resume']),
+    (['--label_dropout=0.1'], ['--label_dropout', '--cond=1']),
 ])
 def test_inconsistent_options_give_one_line_errors(tmp_path, unlabeled_zip, args, fragments):
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', *args, '-n')

@@ -86,16 +86,28 @@ def init_device(device, precision=None):
     return device, precision
 
 
-def load_network(network_url, device):
+def load_network(network_url, device, option='--network'):
     """The EMA network of a snapshot (ours or a published FDM/EDM pickle), read without running code from it."""
     try:
         with dnnlib.util.open_url(network_url, verbose=distributed.is_main()) as f:
             snapshot = checkpoints.load_network_pickle(f)
     except Exception as error:  # a file we cannot read or refuse to read is the user's input, not a bug
-        raise click.ClickException(f'--network {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
+        raise click.ClickException(f'{option} {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
     if not isinstance(snapshot, dict) or 'ema' not in snapshot:
-        raise click.ClickException(f'--network {network_url}: the pickle holds no \'ema\' network')
+        raise click.ClickException(f'{option} {network_url}: the pickle holds no \'ema\' network')
     return snapshot['ema'].eval().requires_grad_(False).to(device)
+
+
+def guided_network(net, guidance, gnet_url, device):
+    """`net` as the samplers should call it under --guidance (None = 1) and --gnet (loaded like --network)."""
+    gnet = None
+    if gnet_url is not None:
+        distributed.print0(f'Loading guiding network from "{gnet_url}"...')
+        gnet = rank0_first(lambda: load_network(gnet_url, device, option='--gnet'))
+    try:
+        return sampling.guided_denoiser(net, 1 if guidance is None else guidance, gnet)
+    except sampling.GuidanceError as error:
+        raise click.BadParameter(str(error), param_hint=error.option) from None
 
 
 # The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
@@ -113,6 +125,8 @@ SAMPLER_OPTIONS = [
     ('discretization', '--disc',      dict(help='Time step discretization (ablation sampler)', type=click.Choice(['vp', 've', 'iddpm', 'edm']))),
     ('schedule',       '--schedule',  dict(help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))),
     ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
+    ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=float)),
+    ('gnet_url',       '--gnet',      dict(help='Guiding network for autoguidance (same resolution, channels, labels)', metavar='PKL|URL', type=str)),
     ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS)))),
 ]
 FLAGS = {keyword: flag for keyword, flag, _ in SAMPLER_OPTIONS}
@@ -150,7 +164,7 @@ def choose_sampler(solver, discretization, schedule, scaling):
 def sampler_from_options(options):
     """(sampler name, its keyword arguments) from the sampler options' values; unset ones are left out.
 
-    `options` holds the sampler keywords only (not --class or --precision).
+    `options` holds the sampler keywords only (not --class, --guidance, --gnet or --precision).
     """
     options = {key: value for key, value in options.items() if value is not None}
     sampler_name = choose_sampler(*(options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))

@@ -28,7 +28,7 @@ from training.precision import PRECISIONS
 # train.py's options when not given (click's defaults come from here).
 DEFAULTS = dict(
     cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None,
-    lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
+    lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, label_dropout=0, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, dry_run=False,
     ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia', metric_profiles=False,
@@ -59,6 +59,9 @@ def build_config(opts, world_size):
             if value is not None:
                 raise click.UsageError(f'{name} applies only to the FDM preconditioners (fdm_edm, fdm_vp, '
                                        f'fdm_ve), not --precond={opts.precond}')
+    if opts.label_dropout and not opts.cond:
+        raise click.BadParameter('label dropout (for classifier-free guidance) needs a class-conditional run (--cond=1)',
+                                 param_hint='--label_dropout')
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be used together')
 
@@ -81,6 +84,8 @@ def build_config(opts, world_size):
     if opts.cres is not None:
         c.network_kwargs.channel_mult = opts.cres
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
+    if opts.label_dropout:
+        c.network_kwargs.label_dropout = opts.label_dropout  # also recorded in the snapshot; sampling checks it for --guidance
     c.loss_kwargs = dnnlib.EasyDict(class_name=recipe.loss)
     if recipe.fdm_multiplier is not None:
         multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else recipe.fdm_multiplier

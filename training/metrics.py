@@ -91,8 +91,10 @@ class Detector:
             if self.convention == 'uint8':
                 features = self.module(images, return_features=True)
             else:
-                x = resize_tf1_bilinear(images.to(torch.float32), INCEPTION_RESOLUTION)
-                features = self.module((x - 128) / 128)
+                x = (resize_tf1_bilinear(images.to(torch.float32), INCEPTION_RESOLUTION) - 128) / 128
+                if x.device.type == 'cpu':  # oneDNN runs channels-last convolutions ~15% faster (features agree to ~1e-6)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                features = self.module(x)
         return features.reshape(len(images), -1).to(torch.float64)
 
 
@@ -215,26 +217,47 @@ class FeatureStats:
     def __init__(self,
         feature_dim,                    # D, the detector's number of features
         device=torch.device('cpu'),     # where the sums live; on CUDA for nccl, on CPU for gloo
+        keep_features=False,            # also keep every feature row (on the CPU), for KID and precision/recall
     ):
         self.feature_dim = feature_dim
         self.sum = torch.zeros([feature_dim], dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros([feature_dim, feature_dim], dtype=torch.float64, device=device)
         self.num_items = torch.zeros([], dtype=torch.float64, device=device)
+        self.kept = [] if keep_features else None  # (item indices, features) per batch; all ranks' after all_reduce
 
-    def append(self, features):
-        """Add a batch of features [N, D]."""
+    def append(self, features, indices=None):
+        """Add a batch of features [N, D]; `indices` number its items, so kept rows can be put in item order."""
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f'expected features [N, {self.feature_dim}], got {list(features.shape)}')
+        if self.kept is not None:
+            indices = torch.as_tensor(indices if indices is not None else [], dtype=torch.int64)
+            if len(indices) != len(features):
+                raise ValueError(f'keeping features needs one index per row, got {len(indices)} for {len(features)} rows')
+            self.kept.append((indices, features.detach().to('cpu', torch.float64)))
         features = features.to(device=self.sum.device, dtype=torch.float64)
         self.sum += features.sum(dim=0)
         self.sum_outer += features.T @ features
         self.num_items += features.shape[0]
 
     def all_reduce(self):
-        """Sum the statistics of every rank (no-op in a single process); works on gloo and nccl."""
+        """Sum the statistics of every rank (no-op in a single process) and gather the kept features; gloo or nccl."""
         for tensor in (self.sum, self.sum_outer, self.num_items):
             distributed.all_reduce_sum_(tensor)
+        if self.kept is not None and distributed.get_world_size() > 1:
+            gathered = [None] * distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.kept)
+            self.kept = [batch for part in gathered for batch in part]
         return self
+
+    def features(self):
+        """The kept features [N, D] (float64 numpy), in item-index order."""
+        if self.kept is None:
+            raise StatisticsError('these statistics did not keep their features')
+        if not self.kept:
+            return np.zeros([0, self.feature_dim])
+        indices = torch.cat([indices for indices, _ in self.kept])
+        features = torch.cat([features for _, features in self.kept])
+        return features[indices.argsort()].numpy()
 
     @property
     def num(self):
@@ -249,26 +272,38 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def feature_statistics(detector, image_batches, device):
-    """This rank's FeatureStats of an iterable of uint8 image batches [N, C, H, W] (not reduced across ranks)."""
+def feature_statistics(detector, image_batches, device, keep_features=False):
+    """This rank's FeatureStats of an iterable of uint8 image batches [N, C, H, W] (not reduced across ranks).
+
+    With `keep_features` the iterable yields (item indices, images) pairs and the feature rows are kept.
+    """
     stats = None
-    for images in image_batches:
+    for batch in image_batches:
+        indices, images = batch if keep_features else (None, batch)
         features = detector(images.to(device))
         if stats is None:
-            stats = FeatureStats(features.shape[1], device=device)
-        stats.append(features)
+            stats = FeatureStats(features.shape[1], device=device, keep_features=keep_features)
+        stats.append(features, indices)
     return stats
 
 
-def save_statistics(path, mu, sigma, detector, num_images):
-    """Write `mu`, `sigma`, the detector identity and the image count to an .npz atomically."""
+FEATURE_DTYPES = ('float32', 'float16')  # how `fid.py ref --features` may store the feature matrix
+
+
+def save_statistics(path, mu, sigma, detector, num_images, features=None, features_dtype='float32'):
+    """Write `mu`, `sigma`, the detector identity, the image count and optionally the features [N, D] to an .npz
+    atomically."""
+    if features_dtype not in FEATURE_DTYPES:
+        raise ValueError(f'features_dtype must be one of {list(FEATURE_DTYPES)}, got {features_dtype!r}')
+    extra = {} if features is None else dict(features=np.asarray(features).astype(features_dtype))
     with dnnlib.util.atomic_write(path, 'wb') as f:
         np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
-                 detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64))
+                 detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64), **extra)
 
 
 def load_statistics(f, source):
-    """Read an .npz of `mu` [D], `sigma` [D, D] and optionally `detector`, `num_images` (no pickles)."""
+    """Read an .npz of `mu` [D], `sigma` [D, D] and optionally `detector`, `num_images`, `features` [N, D] (no
+    pickles); files without features load with features None."""
     try:
         with np.load(f, allow_pickle=False) as data:
             contents = {key: data[key] for key in data.files}
@@ -281,11 +316,15 @@ def load_statistics(f, source):
     sigma = contents['sigma'].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise StatisticsError(f'{source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not fit [D] and [D, D]')
+    features = contents.get('features')
+    if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
+        raise StatisticsError(f'{source}: features {list(features.shape)} do not fit [N, {len(mu)}]')
     return dict(
         mu=mu,
         sigma=sigma,
         detector=str(contents['detector']) if 'detector' in contents else None,
         num_images=int(contents['num_images']) if 'num_images' in contents else None,
+        features=features,
     )
 
 

@@ -361,6 +361,75 @@ def network_precision(device, precision=None):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_flags
 
 
+# Guidance: a denoiser wrapper, so that every sampler runs guided without knowing it.
+
+
+class GuidanceError(ValueError):
+    """A guidance weight or guiding network that cannot be used with the network; `option` names the flag at fault."""
+
+    def __init__(self, message, option):
+        super().__init__(message)
+        self.option = option
+
+
+def trained_label_dropout(net):
+    """The label-dropout probability a (preconditioned) network was trained with; 0 when it records none."""
+    return float(getattr(getattr(net, 'model', net), 'label_dropout', 0) or 0)
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """D_guide + w·(D − D_guide) with the same interface as `net` (the call and the attributes samplers read).
+
+    Classifier-free guidance (Ho & Salimans 2022) when `gnet` is None: D_guide is `net` itself given the all-zero
+    label that label dropout trains, evaluated in the same batched call as the conditional D. Autoguidance
+    (Karras et al. 2024) otherwise: D_guide is `gnet`, a weaker model of the same data and conditioning.
+    """
+
+    def __init__(self,
+        net,                    # The main denoiser D(x; σ, labels).
+        guidance,               # The weight w; 1 gives D (but use `guided_denoiser`, which then returns `net` itself).
+        gnet=None,              # Guiding network for autoguidance; None = classifier-free guidance.
+    ):
+        super().__init__()
+        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
+        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
+        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.net.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        if self.gnet is not None:
+            denoised = self.net(x, sigma, class_labels, **kwargs).to(torch.float64)
+            guide = self.gnet(x, sigma, class_labels, **kwargs).to(torch.float64)
+        else:
+            sigma = torch.as_tensor(sigma, device=x.device)
+            both = self.net(torch.cat([x, x]), torch.cat([sigma, sigma]) if sigma.ndim else sigma,
+                            torch.cat([class_labels, torch.zeros_like(class_labels)]), **kwargs).to(torch.float64)
+            denoised, guide = both.chunk(2)
+        return guide + self.guidance * (denoised - guide)  # exactly `guide` when D == D_guide
+
+
+def guided_denoiser(net, guidance=1, gnet=None):
+    """`net` guided with weight `guidance`: classifier-free, or autoguidance by `gnet`; `net` itself when the weight
+    is 1, so that unguided sampling stays exactly what it was. Raises GuidanceError for combinations that cannot work."""
+    if gnet is not None:
+        for name in ('img_resolution', 'img_channels', 'label_dim'):
+            if getattr(gnet, name) != getattr(net, name):
+                raise GuidanceError(f'the guiding network has {name} {getattr(gnet, name)}, the network '
+                                    f'{getattr(net, name)}; they must match', '--gnet')
+    if guidance == 1:
+        return net
+    if gnet is None:
+        if not net.label_dim:
+            raise GuidanceError(f'{guidance:g} needs a class-conditional network trained with label dropout (or --gnet '
+                                f'for autoguidance); this one is unconditional', '--guidance')
+        if not trained_label_dropout(net):
+            raise GuidanceError(f'{guidance:g} needs a network trained with label dropout (train.py --label_dropout), '
+                                f'which this one was not; use --gnet for autoguidance', '--guidance')
+    return GuidedDenoiser(net, guidance, gnet)
+
+
 @torch.inference_mode()
 def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision=None):
     """uint8 images [len(seeds), C, H, W] on `device` for one batch of seeds; image i depends on seeds[i] only
