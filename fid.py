@@ -139,6 +139,8 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     With --features the file also holds the feature matrix of the same images, which `calc --metrics=kid,pr`
     needs; bound its size with --num.
     """
+    if os.path.isdir(dest_path):
+        raise click.BadParameter(f'{dest_path} is a folder; give the .npz file to write', param_hint='--dest')
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
     stats = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',

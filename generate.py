@@ -84,6 +84,10 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     """
     if outdir is None and grid_path is None:
         raise click.ClickException('nothing to write: give --outdir, --grid, or both')
+    if outdir is not None and os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
+    if grid_path is not None and os.path.isdir(grid_path):
+        raise click.BadParameter(f'{grid_path} is a folder; give the PNG file to write', param_hint='--grid')
     sampler_name, sampler_options = cli.sampler_from_options(sampler_options)
     device, precision = cli.init_device(device, precision)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()

@@ -8,7 +8,6 @@ snapshot.
 
 import copy
 import os
-import re
 
 import click
 
@@ -23,7 +22,7 @@ def _stored_profiles(run_dir):
         raise click.BadParameter(f'{run_dir} is not a directory', param_hint='--run')
     found = []
     for name in sorted(os.listdir(run_dir)):
-        match = re.fullmatch(power_ema.PROFILE_FILE_RE, name)
+        match = checkpoints.POWER_EMA_FILE_RE.fullmatch(name)
         if match is None:
             continue
         path = os.path.join(run_dir, name)

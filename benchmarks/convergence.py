@@ -160,7 +160,7 @@ def run_method(opts, precond, run_dir, nimgs, detector, reference, device):
             options['resume'] = run_dir
         with Stopwatch() as train_time:
             train_segment(options)
-        snapshot = os.path.join(run_dir, snapshot_name(nimg))
+        snapshot = os.path.join(run_dir, snapshot_name(nimg, options['tick']))
         if not os.path.isfile(snapshot):
             raise click.ClickException(f'{run_dir}: training stopped before {nimg} images (no '
                                        f'{os.path.basename(snapshot)}); see {os.path.join(run_dir, "log.txt")}')

@@ -365,3 +365,20 @@ def test_dict_without_ema_names_its_keys(tmp_path):
     path.write_bytes(pickle.dumps(dict(G=1, D=2)))
     with pytest.raises(ValueError, match=r"stylegan.pkl.*\['D', 'G'\]"):
         checkpoints.load_network_pickle(path)
+
+
+def test_checkpoint_names_keep_the_published_kimg_form_for_ticks_of_one_kimg_or_more():
+    assert checkpoints.snapshot_name(50176) == 'network-snapshot-000050.pkl'
+    assert checkpoints.state_name(50176, kimg_per_tick=1) == 'training-state-000050.pt'
+
+
+def test_checkpoint_names_below_one_kimg_per_tick_carry_the_images_beyond_the_kimg():
+    assert checkpoints.snapshot_name(24, kimg_per_tick=0.016) == 'network-snapshot-000000.024.pkl'
+    assert checkpoints.state_name(1008, kimg_per_tick=0.5) == 'training-state-000001.008.pt'
+
+
+def test_resume_from_a_directory_takes_the_newest_state_of_either_naming(tmp_path):
+    for name in ('training-state-000000.999.pt', 'training-state-000001.pt', 'training-state-000001.016.pt',
+                 'training-state-000000.pt'):
+        (tmp_path / name).write_bytes(b'')
+    assert checkpoints.resolve_resume_path(str(tmp_path)) == str(tmp_path / 'training-state-000001.016.pt')

@@ -269,6 +269,31 @@ def test_reference_without_mu_and_sigma_is_an_error(setup, tmp_path):
     assert_one_line_error(result, 'missing mu and sigma')
 
 
+@pytest.mark.parametrize('field', ['mu', 'sigma'])
+def test_reference_with_nan_statistics_is_an_error(setup, tmp_path, field):
+    with np.load(setup['ref']) as ref:
+        contents = dict(ref)
+    contents[field] = contents[field].copy()
+    contents[field].flat[0] = np.nan
+    np.savez(tmp_path / 'nan.npz', **contents)
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', tmp_path / 'nan.npz', '--num', 50, '--detector', setup['detector'])
+    assert_one_line_error(result, f'{field} holds 1 NaN or infinite values')
+
+
+def test_ref_into_an_existing_folder_is_an_error_before_any_work(setup, monkeypatch):
+    monkeypatch.setattr(fid, '_dataset_stats', lambda *args: pytest.fail('features computed before the check'))
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', setup['folder'], '--detector', setup['detector'])
+    assert_one_line_error(result, 'is a folder')
+
+
+@pytest.mark.parametrize('ema', [(1, 2), None])
+def test_calc_of_a_pickle_whose_ema_is_not_a_network_is_an_error(setup, tmp_path, ema):
+    (tmp_path / 'bad.pkl').write_bytes(pickle.dumps({'ema': ema}))
+    result = run_fid('calc', '--network', tmp_path / 'bad.pkl', '--ref', setup['ref'], '--num', 2, '--detector', setup['detector'],
+                     '--device', 'cpu')
+    assert_one_line_error(result, 'not a network')
+
+
 def test_missing_reference_is_an_error(setup, tmp_path):
     result = run_fid('calc', '--images', setup['other_zip'], '--ref', tmp_path / 'none.npz', '--num', 50, '--detector', setup['detector'])
     assert_one_line_error(result, 'none.npz: file not found')

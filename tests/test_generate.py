@@ -200,11 +200,22 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--gnet', '{cond16}'], '--gnet'),
     (['--gnet', '{uncond}', '--guidance', '2'], '--gnet'),
     (['--gnet', '{missing}'], '--gnet'),
+    (['--sigma_min', '10', '--sigma_max', '1'], 'not below --sigma_max'),
+    (['--outdir', '{garbage}'], 'not a folder'),
+    (['--outdir', None, '--grid', '{folder}'], 'is a folder'),
+    (['--network', '{ema_tuple}'], "'ema' is a tuple, not a network"),
+    (['--network', '{ema_tensor}'], "'ema' is a Tensor, not a network"),
+    (['--network', '{ema_list}'], "'ema' is a list, not a network"),
+    (['--network', '{ema_none}'], "'ema' is a NoneType, not a network"),
 ])
 def test_bad_input_is_a_one_line_error(network_pickles, tmp_path, args, message):
     garbage = tmp_path / 'garbage.pkl'
     garbage.write_bytes(b'not a pickle')
-    paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'], cond16=network_pickles['cond16'])
+    paths = dict(missing=tmp_path / 'missing.pkl', garbage=garbage, uncond=network_pickles['uncond'], cond16=network_pickles['cond16'],
+                 folder=tmp_path)
+    for name, ema in (('tuple', (1, 2)), ('tensor', torch.zeros(2)), ('list', []), ('none', None)):
+        paths[f'ema_{name}'] = tmp_path / f'ema-{name}.pkl'
+        paths[f'ema_{name}'].write_bytes(pickle.dumps({'ema': ema}))
     defaults = {'--network': str(network_pickles['cond']), '--outdir': str(tmp_path / 'out'), '--steps': '3', '--seeds': '0',
         '--device': 'cpu'}
     for flag, value in zip(args[::2], args[1::2]):

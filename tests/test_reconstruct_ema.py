@@ -14,7 +14,7 @@ def reconstruct(*args):
 
 
 def test_profiles_are_written_at_snapshots_with_their_record(posthoc_runs):
-    data = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000-0.050.pkl')
+    data = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000.032-0.050.pkl')
     record = data['power_ema']
     assert record['std'] == 0.05 and record['step'] == 4 and record['nimg'] == 32 and record['gamma'] > 0
     assert isinstance(data['ema'], torch.nn.Module)
@@ -32,7 +32,7 @@ def test_reconstructing_a_stored_profile_reproduces_its_tensors(posthoc_runs, tm
     dest = tmp_path / 'ema-0.100.pkl'
     result = reconstruct('--run', posthoc_runs['straight'], '--std', 0.1, '--dest', dest)
     assert result.exit_code == 0, result.output
-    stored = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000-0.100.pkl')['ema']
+    stored = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000.032-0.100.pkl')['ema']
     rebuilt = checkpoints.load_network_pickle(dest)['ema']
     for (name, a), (_, b) in zip(stored.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item()), name

@@ -26,7 +26,7 @@ def test_one_line_per_snapshot_and_network(posthoc_runs):
 def test_value_equals_fid_py_calc_of_the_snapshot(posthoc_runs):
     ema_line = [line for line in lines(posthoc_runs['straight']) if line['network'] == 'ema'][-1]
     result = CliRunner().invoke(fid.main, [str(a) for a in [
-        'calc', '--network', posthoc_runs['straight'] / 'network-snapshot-000000.pkl', '--ref', posthoc_runs['ref'],
+        'calc', '--network', posthoc_runs['straight'] / 'network-snapshot-000000.032.pkl', '--ref', posthoc_runs['ref'],
         '--num', 4, '--detector', posthoc_runs['detector'], '--device', 'cpu', '--precision', 'fp32']])
     assert ema_line['value'] == pytest.approx(fid_of(result), rel=1e-4)
 

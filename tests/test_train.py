@@ -167,6 +167,13 @@ def test_inconsistent_options_give_one_line_errors(tmp_path, unlabeled_zip, args
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.parametrize('cres', ['0', '1,0', '-1', '2-1'])
+def test_bad_channel_multipliers_are_one_line_errors_before_any_directory(tmp_path, unlabeled_zip, cres):
+    result = run_cli(f'--outdir={tmp_path}/out', f'--data={unlabeled_zip}', '--cbase=8', f'--cres={cres}', '--device=cpu')
+    assert_one_line_error(result, '--cres')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_missing_data_option_is_an_error(tmp_path):
     assert_one_line_error(run_cli(f'--outdir={tmp_path}'), '--data')
 

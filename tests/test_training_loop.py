@@ -21,6 +21,8 @@ from training import checkpoints
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8                                 # images per step, over all processes
 STEPS = 6                                 # steps of the "straight" runs; resumed runs stop halfway
+FINAL_SNAPSHOT = 'network-snapshot-000000.048.pkl'  # ticks of 16 images: names carry the images beyond the kimg
+FINAL_STATE = 'training-state-000000.048.pt'
 
 
 def tiny_options(data, outdir, steps, *extra):
@@ -105,8 +107,7 @@ def runs(tmp_path_factory, data):
 def test_run_writes_snapshots_states_stats_log_and_options(runs):
     run_dir = runs('straight')
     names = set(os.listdir(run_dir))
-    assert {'log.txt', 'stats.jsonl', 'training_options.json', 'network-snapshot-000000.pkl',
-            'training-state-000000.pt'} <= names
+    assert {'log.txt', 'stats.jsonl', 'training_options.json', FINAL_SNAPSHOT, FINAL_STATE} <= names
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     assert len(stats) == 4  # ticks after steps 1, 3, 5 and the final step 6
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(STEPS * BATCH / 1000)
@@ -115,9 +116,17 @@ def test_run_writes_snapshots_states_stats_log_and_options(runs):
     assert state['cur_nimg'] == STEPS * BATCH and state['cur_step'] == STEPS and state['loss_fn'] == {'step': STEPS}
 
 
+def test_ticks_below_one_kimg_give_every_snapshot_and_state_its_own_name(runs):
+    names = os.listdir(runs('straight'))
+    assert sorted(name for name in names if name.startswith('network-snapshot-')) == [
+        f'network-snapshot-000000.{nimg:03d}.pkl' for nimg in (8, 24, 40, 48)]
+    assert sorted(name for name in names if name.startswith('training-state-')) == [
+        f'training-state-000000.{nimg:03d}.pt' for nimg in (24, 40, 48)]
+
+
 def test_snapshot_loads_with_plain_pickle_and_holds_the_ema(runs):
     run_dir = runs('straight')
-    with open(run_dir / 'network-snapshot-000000.pkl', 'rb') as f:
+    with open(run_dir / FINAL_SNAPSHOT, 'rb') as f:
         snapshot = pickle.load(f)
     ema = snapshot['ema']
     assert type(ema).__name__ == 'FDM_EDMPrecond' and not ema.training
@@ -159,7 +168,7 @@ def test_loss_goes_down(tmp_path):
 
 
 def test_transfer_starts_from_the_snapshot_weights(runs, tmp_path, data):
-    snapshot = runs('straight') / 'network-snapshot-000000.pkl'
+    snapshot = runs('straight') / FINAL_SNAPSHOT
     # The first step has learning rate 0 (ramp-up from 0) and the EMA has no ramp-up: nothing moves.
     run_in_process(tiny_options(data, tmp_path, 1, f'--transfer={snapshot}', '--lr_rampup=10'))
     state = latest_state(tmp_path)
@@ -197,8 +206,8 @@ def test_sigterm_saves_a_state_that_resumes(tmp_path, data):
 
 
 def test_truncated_state_gives_a_one_line_error(runs, tmp_path, data):
-    state = (runs('straight') / 'training-state-000000.pt').read_bytes()
-    truncated = tmp_path / 'training-state-000000.pt'
+    state = (runs('straight') / FINAL_STATE).read_bytes()
+    truncated = tmp_path / FINAL_STATE
     truncated.write_bytes(state[:len(state) // 2])
     result = CliRunner().invoke(train.main, tiny_options(data, tmp_path / 'out', STEPS, f'--resume={truncated}'))
     assert result.exit_code != 0 and 'Traceback' not in result.output
@@ -217,3 +226,16 @@ def test_cuda_training_runs_and_resumes(tmp_path, data, precision):
     assert state['cur_step'] == STEPS and state['rng_states'][0]['torch_cuda'] is not None
     assert all(torch.isfinite(tensor).all() for tensor in state['net'].values())
     assert 'gpumem' in (tmp_path / 'full' / 'log.txt').read_text()
+
+
+def test_resume_reports_every_option_that_differs_from_the_state(runs, data, tmp_path):
+    same = run_in_process(tiny_options(data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n'))
+    assert 'Changed since the state' not in same.output
+    other_data = tmp_path / 'other.zip'
+    other_data.write_bytes(pathlib.Path(data).read_bytes())
+    changed = run_in_process(tiny_options(other_data, tmp_path, STEPS, f'--resume={runs("straight")}', '-n',
+                                          '--lr=0.1', '--ema=0.5', '--dropout=0.2'))
+    report = changed.output[changed.output.index('Changed since the state'):]
+    for line in (f'dataset_kwargs.path: "{data}" → "{other_data}"', 'optimizer_kwargs.lr: 0.002 → 0.1',
+                 'ema_halflife_kimg: 0.02 → 500.0', 'network_kwargs.dropout: 0.1 → 0.2'):
+        assert line in report, report

@@ -356,7 +356,7 @@ def check_transferable(data, net):
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 1
-STATE_FILE_RE = re.compile(r'training-state-(\d+)\.pt')
+STATE_FILE_RE = re.compile(r'training-state-(\d+)(?:\.(\d{3}))?\.pt')  # kimg, images beyond it when ticks < 1 kimg
 STATE_KEYS = ('format', 'version', 'net', 'ema', 'optimizer', 'loss_fn', 'augment_pipe', 'cur_nimg', 'cur_step',
               'cur_tick', 'tick_start_nimg', 'sampler_nimg', 'total_time_sec', 'rng_states', 'world_size', 'options')
 
@@ -365,18 +365,33 @@ class TrainingStateError(ValueError):
     """A training state or snapshot that cannot be used; the message names the file and what is wrong."""
 
 
-def snapshot_name(cur_nimg):
-    return f'network-snapshot-{cur_nimg // 1000:06d}.pkl'
+def _nimg_label(cur_nimg, kimg_per_tick):
+    """'{kimg:06d}' as published; with ticks under 1 kimg ('.{images beyond it:03d}' added) several fall in one kimg."""
+    label = f'{cur_nimg // 1000:06d}'
+    return label + f'.{cur_nimg % 1000:03d}' if kimg_per_tick < 1 else label
 
 
-def state_name(cur_nimg):
-    return f'training-state-{cur_nimg // 1000:06d}.pt'
+def snapshot_name(cur_nimg, kimg_per_tick=1):
+    return f'network-snapshot-{_nimg_label(cur_nimg, kimg_per_tick)}.pkl'
+
+
+POWER_EMA_FILE_RE = re.compile(r'power-ema-(\d+)(?:\.(\d{3}))?-(\d+\.\d+)\.pkl')  # kimg, images beyond it, σ_rel
+
+
+def power_ema_name(cur_nimg, std, kimg_per_tick=1):
+    """The pickle of the power-EMA profile of σ_rel `std` at a snapshot (training.ema)."""
+    return f'power-ema-{_nimg_label(cur_nimg, kimg_per_tick)}-{std:.3f}.pkl'
+
+
+def state_name(cur_nimg, kimg_per_tick=1):
+    return f'training-state-{_nimg_label(cur_nimg, kimg_per_tick)}.pt'
 
 
 def resolve_resume_path(path):
     """A state file as given, or the newest `training-state-*.pt` in a run directory."""
     if os.path.isdir(path):
-        found = [(int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_FILE_RE.fullmatch(name))]
+        found = [(int(m.group(1)) * 1000 + int(m.group(2) or 0), name) for name in os.listdir(path)
+                 if (m := STATE_FILE_RE.fullmatch(name))]
         if not found:
             raise TrainingStateError(f'{path} contains no training-state-*.pt file')
         return os.path.join(path, max(found)[1])

@@ -5,6 +5,7 @@ import re
 
 import click
 import numpy as np
+import torch
 
 import dnnlib
 from torch_utils import distributed
@@ -21,6 +22,8 @@ def parse_int_list(text):
     for part in text.split(','):
         match = re.fullmatch(r'\s*(\d+)\s*-\s*(\d+)\s*', part)
         if match:
+            if int(match.group(1)) > int(match.group(2)):
+                raise click.BadParameter(f'{text!r}: the range {part.strip()} is empty')
             values.extend(range(int(match.group(1)), int(match.group(2)) + 1))
         else:
             try:
@@ -95,7 +98,10 @@ def load_network(network_url, device, option='--network'):
         raise click.ClickException(f'{option} {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
     if not isinstance(snapshot, dict) or 'ema' not in snapshot:
         raise click.ClickException(f'{option} {network_url}: the pickle holds no \'ema\' network')
-    return snapshot['ema'].eval().requires_grad_(False).to(device)
+    ema = snapshot['ema']
+    if not isinstance(ema, torch.nn.Module) or not all(hasattr(ema, name) for name in ('img_resolution', 'img_channels', 'label_dim')):
+        raise click.ClickException(f'{option} {network_url}: \'ema\' is a {type(ema).__name__}, not a network')
+    return ema.eval().requires_grad_(False).to(device)
 
 
 def guided_network(net, guidance, gnet_url, device):
@@ -173,6 +179,8 @@ def sampler_from_options(options):
     for key in options:
         if key not in SAMPLER_KEYWORDS[sampler_name]:
             raise click.ClickException(f'{FLAGS[key]} does not apply to the {sampler_name} sampler')
+    if options.get('sigma_min', 0) >= options.get('sigma_max', float('inf')):
+        raise click.ClickException(f'--sigma_min {options["sigma_min"]} is not below --sigma_max {options["sigma_max"]}')
     num_steps = options.get('num_steps')
     if num_steps is not None and num_steps < sampling.MIN_NUM_STEPS[sampler_name]:
         raise click.ClickException(f'--steps {num_steps}: the {sampler_name} sampler needs at least {sampling.MIN_NUM_STEPS[sampler_name]}')

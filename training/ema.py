@@ -110,13 +110,6 @@ class PowerEMA:
         self.step = int(state['step'])
 
 
-PROFILE_FILE_RE = r'power-ema-(\d+)-(\d+\.\d+)\.pkl'
-
-
-def profile_file_name(cur_nimg, std):
-    return f'power-ema-{cur_nimg // 1000:06d}-{std:.3f}.pkl'
-
-
 def profile_network_name(std):
     """How metrics.jsonl and messages name the network of a profile."""
     return f'power-ema-{std:.3f}'

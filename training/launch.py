@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import traceback
 
 import click
 import torch
@@ -21,6 +22,7 @@ from training import checkpoints
 from training import ema as power_ema
 from training import networks
 from training import recipes
+from training import run_dir as run_dirs
 from training import snapshot_metrics
 from training import training_loop
 from training.precision import PRECISIONS
@@ -82,6 +84,9 @@ def build_config(opts, world_size):
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
+        if not opts.cres or min(opts.cres) < 1:
+            raise click.BadParameter(f'{",".join(map(str, opts.cres)) or "an empty list"}: channel multipliers are '
+                                     f'positive integers, one per resolution, e.g. 1,2,2', param_hint='--cres')
         c.network_kwargs.channel_mult = opts.cres
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
     if opts.label_dropout:
@@ -179,9 +184,27 @@ def read_resume(c, resume):
         raise click.ClickException(f'--resume: {err}')
     if c.seed is None:
         c.seed = state['options']['seed']
-    changed = sorted(key for key in ('network_kwargs', 'loss_kwargs', 'augment_kwargs', 'batch_size', 'seed')
-                     if json.dumps(state['options'].get(key), sort_keys=True) != json.dumps(c[key], sort_keys=True))
-    return state, changed
+    return state, changed_options(state['options'], c)
+
+
+# Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
+_RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
+                        'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device')
+
+
+def changed_options(state_options, c):
+    """'name: old → new' for every option of `c` that differs from the state's, nested ones by their dotted path."""
+    def flatten(value, prefix):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f'{prefix}.{key}').items()}
+        return {prefix: json.dumps(value, sort_keys=True, default=str)}
+    old, new = {}, {}
+    for key in c:
+        if key not in _RESUME_FREE_OPTIONS:
+            old.update(flatten(state_options.get(key), key))
+            new.update(flatten(c[key], key))
+    return [f'{key}: {old.get(key, "unset")} → {new.get(key, "unset")}' for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
 
 
 def find_auto_resume(outdir, desc, nosubdir):
@@ -276,31 +299,40 @@ def run(opts):
         distributed.print0('Dry run; exiting.')
         return
 
-    run_dir = None
-    if distributed.is_main():
+    run_dir = lock = None
+    if distributed.is_main():  # only rank 0 creates, owns and writes the run directory
         try:
             run_dir = make_run_dir(opts.outdir, desc, opts.nosubdir)
-        except OSError as err:
+            lock = run_dirs.claim(run_dir, resume_state=c.resume_state)
+        except (OSError, run_dirs.RunDirError) as err:
             run_dir = err
     run_dir = _broadcast_from_rank0(run_dir)
+    if isinstance(run_dir, run_dirs.RunDirError):
+        raise click.ClickException(str(run_dir))
     if isinstance(run_dir, OSError):
         raise click.ClickException(f'--outdir={opts.outdir}: {run_dir}')
     c.run_dir = run_dir
 
     logger = None
-    if distributed.is_main():
-        with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
     try:
+        if distributed.is_main():
+            with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+                json.dump(c, f, indent=2)
+            logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
     except (checkpoints.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
         raise click.ClickException(str(err))
+    except training_loop.TrainingError as err:
+        if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report
+            logger.file.write(''.join(traceback.format_exception(err.__cause__ or err)))
+        raise click.ClickException(str(err))
     finally:
         if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.release()
 
 
 def _print_summary(c, opts, dataset, world_size, resume_changes):
@@ -324,7 +356,9 @@ def _print_summary(c, opts, dataset, world_size, resume_changes):
     if c.resume_state is not None:
         distributed.print0(f'Resuming from:           {c.resume_state}')
         if resume_changes:
-            distributed.print0(f'Changed since the state: {", ".join(resume_changes)} (the run will not repeat exactly)')
+            distributed.print0('Changed since the state (the run will not repeat exactly):')
+            for change in resume_changes:
+                distributed.print0(f'    {change}')
     distributed.print0()
 
 

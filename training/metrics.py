@@ -316,6 +316,9 @@ def load_statistics(f, source):
     sigma = contents['sigma'].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise StatisticsError(f'{source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not fit [D] and [D, D]')
+    for name, value in (('mu', mu), ('sigma', sigma)):
+        if not np.isfinite(value).all():
+            raise StatisticsError(f'{source}: {name} holds {np.count_nonzero(~np.isfinite(value))} NaN or infinite values')
     features = contents.get('features')
     if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
         raise StatisticsError(f'{source}: features {list(features.shape)} do not fit [N, {len(mu)}]')

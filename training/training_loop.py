@@ -10,6 +10,7 @@ training/checkpoints.py.
 import copy
 import dataclasses
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -32,6 +33,10 @@ from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
 GRAD_LIMIT = 1e5                        # Infinite gradient entries are clipped to ±this; NaNs become 0.
+
+
+class TrainingError(RuntimeError):
+    """The run failed; the one-line message says where and what, and whether a training state was written."""
 
 
 class BatchSizeError(ValueError):
@@ -130,6 +135,36 @@ def _ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+WORKER_EXIT_SEC = 5                     # How long DataLoader workers get to end before they are killed.
+
+
+def _stop_workers(iterator):
+    """End the DataLoader workers of `iterator` now; they ignore SIGTERM, so those that linger get SIGKILL.
+
+    Left to interpreter exit, multiprocessing would SIGTERM and then wait for them forever.
+    """
+    workers = list(getattr(iterator, '_workers', []))
+    shutdown = getattr(iterator, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()  # asks them to end (their "done" event) and waits up to torch's status interval
+    deadline = time.monotonic() + WORKER_EXIT_SEC
+    for worker in workers:
+        worker.join(timeout=max(deadline - time.monotonic(), 0))
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=1)
+    multiprocessing.active_children()  # reaps them
+
+
+def _one_line(err):
+    """The gist of an exception in one line. A DataLoader worker's error comes back with the worker's traceback in
+    its message, whose last line is the original error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if 'Original Traceback' in str(err):
+        return lines[-1]
+    return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
+
+
 def _pass_seed(seed, step, pass_index):
     """Seed of the generator for one forward/backward pass: a hash of the run seed, step and pass."""
     return int(np.random.SeedSequence([seed, step, pass_index]).generate_state(1, np.uint64)[0] >> 1)
@@ -223,7 +258,6 @@ def training_loop(
                                   start_nimg=resume['sampler_nimg'] if resume else 0)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, worker_init_fn=_ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(seed), **data_loader_kwargs)
-    dataset_iterator = iter(loader)
 
     distributed.print0('Constructing network...')
     interface_kwargs = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
@@ -282,7 +316,7 @@ def training_loop(
             distributed.print0(f'Warning: the processes hold different parameters: {digests}')
         if distributed.is_main():
             checkpoints.save_training_state(
-                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg)), net, ema, optimizer, loss_fn,
+                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg, kimg_per_tick)), net, ema, optimizer, loss_fn,
                 augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
                 world_size, digests, options, power_ema=power_ema)
 
@@ -299,6 +333,8 @@ def training_loop(
     distributed.print0()
     tick_timer = _TickTimer(start_time, time_offset_sec)
     summary = dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, stopped=False)
+    phase = 'step'                              # 'step', 'update' (parameters half-updated), 'snapshot', 'metrics' or 'state'
+    dataset_iterator = iter(loader)             # starts the workers: from here on, every exit ends them
     stop.install()
     try:
         while True:
@@ -320,6 +356,7 @@ def training_loop(
             for param in ema_update.net_params:
                 if param.grad is not None:
                     torch.nan_to_num(param.grad, nan=0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT, out=param.grad)
+            phase = 'update'
             optimizer.step()
             loss_fn.advance()
             ema_update(counters.cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
@@ -328,6 +365,7 @@ def training_loop(
             counters.cur_step += 1
             if power_ema is not None:
                 power_ema.update(counters.cur_step)
+            phase = 'step'
             finished = counters.cur_nimg >= total_nimg
             stopping = stop.agreed()
             if not (finished or stopping or counters.cur_tick == 0
@@ -341,21 +379,42 @@ def training_loop(
             counters.tick_start_nimg = counters.cur_nimg
             if run_dir is not None:
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
-                    snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, ema, power_ema, loss_fn, augment_pipe,
-                                                    dataset_kwargs, world_size)
+                    phase = 'snapshot'
+                    snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, kimg_per_tick, ema, power_ema, loss_fn,
+                                                    augment_pipe, dataset_kwargs, world_size)
                     if metrics is not None:
+                        phase = 'metrics'
                         metrics.evaluate(counters.cur_nimg, snapshot_nets)
+                    phase = 'step'
                 if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
                                             and ended_tick != 0):
+                    phase = 'state'
                     save_state()
+                    phase = 'step'
             if stats_jsonl is not None:
                 stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
             tick_timer.start_tick()
             if finished or stopping:
                 break
+    except Exception as err:
+        _stop_workers(dataset_iterator)  # first: a worker's pending error must not outlive the run
+        doing = {'snapshot': ' while writing a network snapshot', 'metrics': ' while measuring the snapshot',
+                 'state': ' while writing a training state'}.get(phase, '')
+        saved = ''
+        if phase in ('step', 'snapshot', 'metrics') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
+            try:
+                save_state()
+                saved = f'; training state saved, resume with --resume={run_dir}'
+            except Exception as save_err:
+                saved = f'; no training state saved ({_one_line(save_err)})'
+        elif phase == 'state':
+            saved = '; earlier training states are intact'
+        raise TrainingError(f'training failed at {counters.cur_nimg / 1000:g} kimg (step {counters.cur_step}){doing}: '
+                            f'{_one_line(err)}{saved}') from err
     finally:
         stop.uninstall()
+        _stop_workers(dataset_iterator)
         if stats_jsonl is not None:
             stats_jsonl.close()
 
@@ -414,15 +473,15 @@ class _EMAUpdate:
                 torch._foreach_copy_(self.ema_buffers, self.net_buffers)
 
 
-def _save_snapshots(run_dir, cur_nimg, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
+def _save_snapshots(run_dir, cur_nimg, kimg_per_tick, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
     """Write the EMA snapshot and one pickle per power-EMA profile; returns {name: network} as evaluated at snapshots."""
-    _save_snapshot(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg)), ema, loss_fn, augment_pipe,
+    _save_snapshot(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), ema, loss_fn, augment_pipe,
                    dataset_kwargs, world_size)
     networks = {'ema': ema}
     if power_ema is not None:
         for record, profile in zip(power_ema.records(cur_nimg), power_ema.emas):
-            _save_snapshot(os.path.join(run_dir, power_ema_lib.profile_file_name(cur_nimg, record['std'])), profile,
-                           loss_fn, augment_pipe, dataset_kwargs, world_size, power_ema=record)
+            _save_snapshot(os.path.join(run_dir, checkpoints.power_ema_name(cur_nimg, record['std'], kimg_per_tick)),
+                           profile, loss_fn, augment_pipe, dataset_kwargs, world_size, power_ema=record)
             networks[power_ema_lib.profile_network_name(record['std'])] = profile
     return networks
 
