@@ -36,6 +36,8 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--batch-gpu',    help='Limit batch size per GPU', metavar='INT',                      type=click.IntRange(min=1))
 @click.option('--cbase',        help='Channel multiplier  [default: varies]', metavar='INT',         type=click.IntRange(min=1))
 @click.option('--cres',         help='Channels per resolution  [default: varies]', metavar='LIST',   type=cli.parse_int_list)
+@click.option('--blocks',       help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--attn',         help='Resolutions with self-attention, or none  [default: varies]', metavar='LIST', type=cli.parse_resolution_list)
 @click.option('--lr',           help='Learning rate', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['lr'], show_default=True)
 @click.option('--lr_rampup',    help='Learning rate ramp-up duration', metavar='MIMG',               type=click.FloatRange(min=0), default=launch.DEFAULTS['lr_rampup'], show_default=True)
 @click.option('--ema',          help='EMA half-life', metavar='MIMG',                                type=click.FloatRange(min=0), default=launch.DEFAULTS['ema'], show_default=True)

@@ -145,6 +145,15 @@ def test_label_dropout_is_recorded_in_the_network_options(tmp_path, labeled_zip)
     assert printed_config(result.output)['network_kwargs']['label_dropout'] == 0.1
 
 
+@pytest.mark.parametrize('attn, expected', [('none', []), ('8', [8]), ('16,8', [16, 8])])
+def test_blocks_and_attention_resolutions_reach_the_network(tmp_path, unlabeled_zip, attn, expected):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=8', '--cres=1,2', '--blocks=1',
+                     f'--attn={attn}', '-n')
+    assert result.exit_code == 0, result.output
+    network_kwargs = printed_config(result.output)['network_kwargs']
+    assert network_kwargs['num_blocks'] == 1 and network_kwargs['attn_resolutions'] == expected
+
+
 def test_run_directories_are_numbered_and_hold_options(tmp_path):
     first = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
     second = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
@@ -161,6 +170,9 @@ def test_run_directories_are_numbered_and_hold_options(tmp_path):
     (['--precision=fp32', '--fp16=1'], ['--fp16']),
     (['--resume=x.pt', '--transfer=y.pkl'], ['--transfer', '--resume']),
     (['--label_dropout=0.1'], ['--label_dropout', '--cond=1']),
+    (['--attn=4'], ['--attn', '16,8']),
+    (['--attn=x'], ['--attn']),
+    (['--blocks=0'], ['--blocks']),
 ])
 def test_inconsistent_options_give_one_line_errors(tmp_path, unlabeled_zip, args, fragments):
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', *args, '-n')

@@ -29,7 +29,7 @@ from training.precision import PRECISIONS
 
 # train.py's options when not given (click's defaults come from here).
 DEFAULTS = dict(
-    cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None,
+    cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None,
     lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, label_dropout=0, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, dry_run=False,
@@ -88,6 +88,10 @@ def build_config(opts, world_size):
             raise click.BadParameter(f'{",".join(map(str, opts.cres)) or "an empty list"}: channel multipliers are '
                                      f'positive integers, one per resolution, e.g. 1,2,2', param_hint='--cres')
         c.network_kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = opts.attn
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
     if opts.label_dropout:
         c.network_kwargs.label_dropout = opts.label_dropout  # also recorded in the snapshot; sampling checks it for --guidance
@@ -271,6 +275,11 @@ def run(opts):
     if opts.cond and not dataset.has_labels:
         raise click.ClickException(f'--cond=True needs class labels, but {opts.data} has none (dataset.json "labels")')
     c.dataset_kwargs.resolution = dataset.resolution
+    if opts.attn:
+        resolutions = [dataset.resolution >> level for level in range(len(c.network_kwargs.channel_mult))]
+        if any(res not in resolutions for res in opts.attn):
+            raise click.BadParameter(f'{",".join(map(str, opts.attn))}: the network has the resolutions '
+                                     f'{",".join(map(str, resolutions))} (or give none)', param_hint='--attn')
     if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
         c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 
