@@ -73,7 +73,7 @@ def summarize(values):
 
 
 @click.command()
-@click.option('--published', 'published_dir', help='The published FDM code patched for CPUs', metavar='DIR', type=click.Path(exists=True, file_okay=False), required=True)
+@click.option('--published', 'published_dir', help='The published FDM code patched for CPUs', metavar='DIR', type=str, required=True)
 @click.option('--threads',   help='OMP_NUM_THREADS of both sides', metavar='INT', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
 @click.option('--repeats',   help='Runs of each side per task, alternating', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
 @click.option('--kimg',      help='Training length of each run', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
@@ -84,6 +84,8 @@ def summarize(values):
 @click.option('--dest',      help='JSON result file  [default: benchmarks/results/compare_published-cpu{threads}.json]', metavar='PATH', type=str)
 def main(published_dir, threads, repeats, kimg, seeds, batch, tasks, extra_env, dest):
     """Time the published FDM code and this one side by side and print the ratios."""
+    if not (pathlib.Path(published_dir) / 'train.py').is_file() or not (pathlib.Path(published_dir) / 'generate.py').is_file():
+        raise click.BadParameter(f'{published_dir} holds no train.py and generate.py of the published code', param_hint='--published')
     env = {key: value for key, value in os.environ.items() if key not in THREAD_VARIABLES + ('PYTHONPATH',)}
     env['OMP_NUM_THREADS'] = str(threads)
     for item in extra_env:

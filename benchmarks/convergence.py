@@ -31,6 +31,7 @@ import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from benchmarks import common  # noqa: E402
 from torch_utils import distributed  # noqa: E402
 from training import cli  # noqa: E402
+from training import curves  # noqa: E402
 from training import dataset  # noqa: E402
 from training import launch  # noqa: E402
 from training import metrics  # noqa: E402
@@ -356,10 +357,10 @@ def main(**kwargs):
     text = report_markdown(study, results, baseline, fdm, summary)
     common.write_text(paths['md'], text)
     common.write_json(paths['json'], study)
-    common.line_plot(paths['png'], {result['label']: [(c['kimg'], c['fid']) for c in result['checkpoints']]
-                                    for result in results.values()},
-                     x_label='training images (kimg)', y_label=f'FID ({opts.num_fid} images, NFE {2 * opts.steps - 1})',
-                     title=f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {images.name}')
+    curves.plot_panels(paths['png'], [dict(
+        series={result['label']: [(c['kimg'], c['fid']) for c in result['checkpoints']] for result in results.values()},
+        x_label='training images (kimg)', y_label=f'FID ({opts.num_fid} images, NFE {2 * opts.steps - 1})',
+        title=f'{METHOD_LABELS[baseline]} vs {METHOD_LABELS[fdm]} on {images.name}', log_y=False)])
     print()
     print(text)
     print(f'Table: {paths["md"]}')

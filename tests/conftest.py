@@ -68,3 +68,44 @@ def run_torchrun(script_and_args, nproc=2, cwd=REPO_ROOT, threads=1, timeout=300
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope='session')
+def posthoc_runs(tmp_path_factory):
+    """Tiny train.py runs with power-EMA profiles and FID at every snapshot (tiny TorchScript detector):
+    'straight' (4 steps), 'resumed' (2 steps, then resumed to 4), and the data, detector and reference."""
+    from click.testing import CliRunner
+    import fid
+    import train
+    from test_fid import PooledColours
+    from test_train import write_dataset
+    root = tmp_path_factory.mktemp('posthoc')
+    data = write_dataset(root / 'train-8x8.zip', num_images=12, resolution=8, num_classes=0)
+    detector = root / 'pooled.pt'
+    torch.jit.save(torch.jit.script(PooledColours()), str(detector))
+    ref = root / 'ref.npz'
+    result = CliRunner().invoke(fid.main, [str(a) for a in ['ref', '--data', data, '--dest', ref, '--detector', detector,
+                                                            '--workers', 0, '--device', 'cpu']])
+    assert result.exit_code == 0, result.output
+
+    def options(outdir, steps, *extra):
+        return [f'--outdir={outdir}', f'--data={data}', '--nosubdir', '--device=cpu', '--cbase=16', '--cres=1,2', '--batch=8',
+                f'--duration={steps * 8 / 1e6}', '--tick=0.016', '--snap=1', '--dump=1', '--workers=0', '--seed=7',
+                '--lr=2e-3', '--lr_rampup=0.00002', '--ema=0.00002', '--augment=0', '--ema_profiles=0.05,0.1',
+                '--metrics=fid', f'--metric_ref={ref}', '--metric_num=4', f'--metric_detector={detector}',
+                '--metric_profiles=True', *extra]
+
+    def train_run(args):
+        result = CliRunner().invoke(train.main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_run(options(root / 'straight', 4))
+        train_run(options(root / 'half', 2))
+        train_run(options(root / 'resumed', 4, f'--resume={root / "half"}'))
+    finally:
+        torch.set_num_threads(threads)
+    return dict(straight=root / 'straight', half=root / 'half', resumed=root / 'resumed', data=data, detector=detector, ref=ref)

@@ -4,7 +4,7 @@ import ast
 
 from conftest import REPO_ROOT
 
-SCRIPTS = ('train', 'generate', 'fid', 'dataset_tool')
+SCRIPTS = ('train', 'generate', 'fid', 'dataset_tool', 'reconstruct_ema', 'plot_runs')
 PACKAGES = ('training', 'torch_utils', 'dnnlib', 'benchmarks')
 
 

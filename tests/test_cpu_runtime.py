@@ -45,7 +45,7 @@ def test_a_users_setting_is_kept(clean_environ, name, value):
 
 
 def _page_faults_of_training_steps(keep_freed_memory):
-    """Minor page faults of 3 forward+backward passes of a small U-Net at batch 16 (after one warm-up pass)."""
+    """Minor page faults of 3 forward+backward passes of a small U-Net at batch 16 (after two warm-up passes)."""
     code = (
         'import resource\n'
         'from torch_utils import cpu_runtime\n'
@@ -58,7 +58,7 @@ def _page_faults_of_training_steps(keep_freed_memory):
         'x, sigma = torch.randn(16, 3, 32, 32), torch.rand(16) + 0.5\n'
         'def step():\n'
         '    net(x, sigma).square().sum().backward()\n'
-        'step()\n'
+        'step(); step()\n'  # the heap reaches its working size in the first passes
         'before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
         'for _ in range(3):\n'
         '    step()\n'
@@ -74,4 +74,4 @@ def test_freed_memory_is_reused_without_fresh_page_faults():
     default_faults = _page_faults_of_training_steps(False)
     kept_faults = _page_faults_of_training_steps(True)
     assert default_faults > 1000  # freed activations went back to the kernel and faulted in again
-    assert kept_faults < default_faults / 4, (kept_faults, default_faults)
+    assert kept_faults < default_faults / 20, (kept_faults, default_faults)

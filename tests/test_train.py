@@ -145,6 +145,15 @@ def test_label_dropout_is_recorded_in_the_network_options(tmp_path, labeled_zip)
     assert printed_config(result.output)['network_kwargs']['label_dropout'] == 0.1
 
 
+@pytest.mark.parametrize('attn, expected', [('none', []), ('8', [8]), ('16,8', [16, 8])])
+def test_blocks_and_attention_resolutions_reach_the_network(tmp_path, unlabeled_zip, attn, expected):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=8', '--cres=1,2', '--blocks=1',
+                     f'--attn={attn}', '-n')
+    assert result.exit_code == 0, result.output
+    network_kwargs = printed_config(result.output)['network_kwargs']
+    assert network_kwargs['num_blocks'] == 1 and network_kwargs['attn_resolutions'] == expected
+
+
 def test_run_directories_are_numbered_and_hold_options(tmp_path):
     first = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
     second = launch.make_run_dir(str(tmp_path), 'desc', nosubdir=False)
@@ -161,6 +170,9 @@ def test_run_directories_are_numbered_and_hold_options(tmp_path):
     (['--precision=fp32', '--fp16=1'], ['--fp16']),
     (['--resume=x.pt', '--transfer=y.pkl'], ['--transfer', '--resume']),
     (['--label_dropout=0.1'], ['--label_dropout', '--cond=1']),
+    (['--attn=4'], ['--attn', '16,8']),
+    (['--attn=x'], ['--attn']),
+    (['--blocks=0'], ['--blocks']),
 ])
 def test_inconsistent_options_give_one_line_errors(tmp_path, unlabeled_zip, args, fragments):
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', *args, '-n')
@@ -227,3 +239,15 @@ def test_transfer_from_a_snapshot_of_another_architecture_names_the_mismatch(tmp
     snapshot = save(tmp_path / 'other.pkl', dict(ema=small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2]))))
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2,2', f'--transfer={snapshot}', '-n')
     assert_one_line_error(result, '--transfer', 'other.pkl', 'does not fit the network', 'missing from the snapshot')
+
+
+def test_resume_auto_finds_the_newest_state_of_the_newest_matching_run(tmp_path):
+    assert launch.find_auto_resume(str(tmp_path / 'missing'), 'data-uncond', False) is None
+    for name, states in (('00000-data-uncond', [0, 5]), ('00001-data-uncond', [2]), ('00002-data-uncond', []),
+                         ('00003-other-uncond', [9])):
+        (tmp_path / name).mkdir()
+        for kimg in states:
+            (tmp_path / name / f'training-state-{kimg:06d}.pt').write_bytes(b'')
+    found = launch.find_auto_resume(str(tmp_path), 'data-uncond', False)
+    assert found == str(tmp_path / '00001-data-uncond' / 'training-state-000002.pt')
+    assert launch.find_auto_resume(str(tmp_path / '00002-data-uncond'), 'data-uncond', True) is None

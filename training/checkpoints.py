@@ -565,6 +565,14 @@ def snapshot_name(cur_nimg, kimg_per_tick=1):
     return f'network-snapshot-{_nimg_label(cur_nimg, kimg_per_tick)}.pkl'
 
 
+POWER_EMA_FILE_RE = re.compile(r'power-ema-(\d+)(?:\.(\d{3}))?-(\d+\.\d+)\.pkl')  # kimg, images beyond it, σ_rel
+
+
+def power_ema_name(cur_nimg, std, kimg_per_tick=1):
+    """The pickle of the power-EMA profile of σ_rel `std` at a snapshot (training.ema)."""
+    return f'power-ema-{_nimg_label(cur_nimg, kimg_per_tick)}-{std:.3f}.pkl'
+
+
 def state_name(cur_nimg, kimg_per_tick=1):
     return f'training-state-{_nimg_label(cur_nimg, kimg_per_tick)}.pt'
 
@@ -657,6 +665,8 @@ def _state_field_problem(state):
         return 'optimizer is not an optimizer state_dict (state and param_groups)'
     if not isinstance(state['loss_fn'], dict) or not (state['augment_pipe'] is None or isinstance(state['augment_pipe'], dict)):
         return 'loss_fn or augment_pipe is not a state_dict'
+    if not (state.get('power_ema') is None or isinstance(state['power_ema'], dict)):
+        return 'power_ema is not a state_dict'
     rng_states = state['rng_states']
     if not isinstance(rng_states, list) or len(rng_states) != state['world_size']:
         return f'rng_states is not a list of {state["world_size"]} (world_size) entries'
@@ -668,8 +678,11 @@ def _state_field_problem(state):
 
 
 def save_training_state(path, net, ema, optimizer, loss_fn, augment_pipe, counters, total_time_sec, rng_states,
-                        world_size, param_digests, options):
-    """Write a training state atomically; `counters` holds cur_nimg, cur_step, cur_tick, tick_start_nimg."""
+                        world_size, param_digests, options, power_ema=None):
+    """Write a training state atomically; `counters` holds cur_nimg, cur_step, cur_tick, tick_start_nimg.
+
+    `power_ema` (a training.ema.PowerEMA) adds its profiles under the optional key 'power_ema'.
+    """
     state = dict(
         format          = STATE_FORMAT,
         version         = STATE_VERSION,
@@ -689,6 +702,8 @@ def save_training_state(path, net, ema, optimizer, loss_fn, augment_pipe, counte
         param_digests   = param_digests,
         options         = options,
     )
+    if power_ema is not None:
+        state['power_ema'] = power_ema.state_dict()
     with dnnlib.util.atomic_write(path, 'wb') as f:
         torch.save(state, f)
 
@@ -705,6 +720,21 @@ def restore_training_state(state, path, net, ema, optimizer, loss_fn, augment_pi
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:  # a garbage optimizer state raises any
         reason = str(err).strip().splitlines()[0]
         raise TrainingStateError(f'{path} does not fit this network/optimizer: {reason}') from None
+
+
+def restore_power_ema(state, path, power_ema):
+    """Load the power-EMA profiles of a training state; raises TrainingStateError naming `path`."""
+    if state.get('power_ema') is None:
+        raise TrainingStateError(f'{path} holds no power-EMA profiles (the run had no --ema_profiles); resume '
+                                 f'without --ema_profiles, or start a new run with them')
+    if state['power_ema']['step'] != state['cur_step']:
+        raise TrainingStateError(f'{path}: its power-EMA profiles are at step {state["power_ema"]["step"]}, '
+                                 f'the run at step {state["cur_step"]}')
+    try:
+        power_ema.load_state_dict(state['power_ema'])
+    except (RuntimeError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise TrainingStateError(f'{path} does not fit this run\'s power-EMA profiles: {reason}') from None
 
 
 def _cpu_state_dict(module):

@@ -14,6 +14,15 @@ from training import sampling
 from training.precision import PRECISIONS, default_sampling_precision
 
 
+def parse_resolution_list(text):
+    """'16' or '32,16' → [16] / [32, 16]; 'none' → [] (e.g. resolutions with self-attention)."""
+    if isinstance(text, list):
+        return text
+    if text.strip().lower() == 'none':
+        return []
+    return parse_int_list(text)
+
+
 def parse_int_list(text):
     """'1,2,2' or '0-3' ranges → [1, 2, 2] / [0, 1, 2, 3]."""
     if isinstance(text, list):

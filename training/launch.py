@@ -19,19 +19,22 @@ from torch_utils import cpu_runtime
 from torch_utils import distributed
 from training import augment
 from training import checkpoints
+from training import ema as power_ema
 from training import networks
 from training import recipes
 from training import run_dir as run_dirs
+from training import snapshot_metrics
 from training import training_loop
 from training.precision import PRECISIONS
 
 # train.py's options when not given (click's defaults come from here).
 DEFAULTS = dict(
-    cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None,
+    cond=False, arch='ddpmpp', precond='fdm_edm', duration=200, batch=512, batch_gpu=None, cbase=None, cres=None, blocks=None, attn=None,
     lr=10e-4, lr_rampup=10, ema=0.5, dropout=0.13, label_dropout=0, augment=0.12, xflip=False, warmup_ite=None, fdm_multiplier=None,
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
-    dry_run=False,
+    dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
+    metric_profiles=False,
 )
 
 
@@ -86,6 +89,10 @@ def build_config(opts, world_size):
             raise click.BadParameter(f'{",".join(map(str, opts.cres)) or "an empty list"}: channel multipliers are '
                                      f'positive integers, one per resolution, e.g. 1,2,2', param_hint='--cres')
         c.network_kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = opts.attn
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=PRECISIONS[precision].train_use_fp16)
     if opts.label_dropout:
         c.network_kwargs.label_dropout = opts.label_dropout  # also recorded in the snapshot; sampling checks it for --guidance
@@ -107,6 +114,8 @@ def build_config(opts, world_size):
         raise click.BadParameter(str(err), param_hint=err.option) from None
 
     c.update(
+        ema_profiles        = _ema_profiles(opts.ema_profiles),
+        metric_kwargs       = _metric_kwargs(opts),
         seed                = opts.seed,
         batch_size          = opts.batch,
         batch_gpu           = batch_gpu,
@@ -127,6 +136,40 @@ def build_config(opts, world_size):
         device              = opts.device,
     )
     return c
+
+
+def _ema_profiles(text):
+    """--ema_profiles=0.05,0.10 → [0.05, 0.1]; None when not given."""
+    if text is None or text == '':
+        return None
+    try:
+        stds = [float(item) for item in str(text).split(',')] if not isinstance(text, (list, tuple)) else list(text)
+        for std in stds:
+            power_ema.check_std(std)
+    except ValueError as err:
+        raise click.BadParameter(f'{text!r}: {err}', param_hint='--ema_profiles') from None
+    if len(set(stds)) != len(stds):
+        raise click.BadParameter(f'{text!r} lists a σ_rel twice', param_hint='--ema_profiles')
+    return stds
+
+
+def _metric_kwargs(opts):
+    """Options of snapshot_metrics.SnapshotMetrics, or None without --metrics."""
+    if opts.metrics is None:
+        for name in ('metric_ref', 'metric_num'):
+            if opts[name] is not None:
+                raise click.UsageError(f'--{name} applies only with --metrics=fid')
+        return None
+    if opts.metrics != 'fid':
+        raise click.BadParameter(f'{opts.metrics!r}: the only metric is fid', param_hint='--metrics')
+    if opts.metric_ref is None:
+        raise click.UsageError('--metrics=fid needs --metric_ref=NPZ (reference statistics, from fid.py ref)')
+    if '://' not in opts.metric_ref and not os.path.isfile(opts.metric_ref):
+        raise click.BadParameter(f'{opts.metric_ref}: file not found', param_hint='--metric_ref')
+    if opts.metric_profiles and not opts.ema_profiles:
+        raise click.UsageError('--metric_profiles=True needs --ema_profiles')
+    return dnnlib.EasyDict(metric=opts.metrics, ref=opts.metric_ref, num_images=opts.metric_num,
+                           detector=opts.metric_detector, profiles=bool(opts.metric_profiles))
 
 
 def check_precision(precision, device_type):
@@ -182,6 +225,24 @@ def changed_options(state_options, c):
             if old.get(key) != new.get(key)]
 
 
+def find_auto_resume(outdir, desc, nosubdir):
+    """--resume=auto: the newest training state of the newest run directory `{id}-{desc}` in `outdir` that has
+    one (`outdir` itself with --nosubdir); None when there is none, so that the first launch starts afresh."""
+    if not os.path.isdir(outdir):
+        return None
+    if nosubdir:
+        candidates = [outdir]
+    else:
+        runs = [(int(m.group(1)), name) for name in os.listdir(outdir) if (m := re.fullmatch(r'(\d+)-(.*)', name)) and m.group(2) == desc]
+        candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
+    for run_dir in candidates:
+        try:
+            return checkpoints.resolve_resume_path(run_dir)
+        except checkpoints.TrainingStateError:
+            continue
+    return None
+
+
 def read_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
     try:
@@ -228,8 +289,24 @@ def run(opts):
     if opts.cond and not dataset.has_labels:
         raise click.ClickException(f'--cond=True needs class labels, but {opts.data} has none (dataset.json "labels")')
     c.dataset_kwargs.resolution = dataset.resolution
+    if opts.attn:
+        resolutions = [dataset.resolution >> level for level in range(len(c.network_kwargs.channel_mult))]
+        if any(res not in resolutions for res in opts.attn):
+            raise click.BadParameter(f'{",".join(map(str, opts.attn))}: the network has the resolutions '
+                                     f'{",".join(map(str, resolutions))} (or give none)', param_hint='--attn')
+    if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
+        c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 
-    resume, resume_changes = read_resume(c, opts.resume, opts.resume_force) if opts.resume is not None else (None, [])
+    cond_str = 'cond' if opts.cond else 'uncond'
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{c.precision}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+
+    resume_path = opts.resume
+    if resume_path == 'auto':
+        resume_path = _broadcast_from_rank0(find_auto_resume(opts.outdir, desc, opts.nosubdir))
+        distributed.print0(f'--resume=auto: {"continuing " + resume_path if resume_path else "no training state yet; starting afresh"}')
+    resume, resume_changes = read_resume(c, resume_path, opts.resume_force) if resume_path is not None else (None, [])
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
 
@@ -237,11 +314,6 @@ def run(opts):
     if opts.dry_run or opts.transfer is not None:
         net = dry_run_build(c, dataset)
     transfer = read_transfer(opts.transfer, net) if opts.transfer is not None else None
-
-    cond_str = 'cond' if opts.cond else 'uncond'
-    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{c.precision}'
-    if opts.desc is not None:
-        desc += f'-{opts.desc}'
 
     if opts.dry_run:
         c.run_dir = None
@@ -273,7 +345,7 @@ def run(opts):
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
-    except checkpoints.TrainingStateError as err:
+    except (checkpoints.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
         raise click.ClickException(str(err))
     except training_loop.TrainingError as err:
         if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report

@@ -27,6 +27,8 @@ from torch_utils import distributed
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoints
+from training import ema as power_ema_lib
+from training import snapshot_metrics
 from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
@@ -207,6 +209,8 @@ def training_loop(
     total_kimg          = 200000,       # Training duration in thousands of images.
     ema_halflife_kimg   = 500,          # EMA half-life in thousands of images.
     ema_rampup_ratio    = EMA_RAMPUP_RATIO, # EMA ramp-up coefficient; None = no ramp-up.
+    ema_profiles        = None,         # σ_rel of the power-function EMA profiles kept for post-hoc EMA; None = none.
+    metric_kwargs       = None,         # Options of snapshot_metrics.SnapshotMetrics (FID at snapshots); None = none.
     lr_rampup_kimg      = 10000,        # Learning rate ramp-up in thousands of images.
     loss_scaling        = 1,            # Loss scaling factor (fp16 headroom).
     kimg_per_tick       = 50,           # Progress line interval in thousands of images.
@@ -227,7 +231,8 @@ def training_loop(
         run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs,
         network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs,
         augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg,
-        ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, lr_rampup_kimg=lr_rampup_kimg,
+        ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, ema_profiles=ema_profiles,
+        metric_kwargs=metric_kwargs, lr_rampup_kimg=lr_rampup_kimg,
         loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
         state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
         cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device)
@@ -266,6 +271,7 @@ def training_loop(
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    power_ema = power_ema_lib.PowerEMA(net, ema_profiles) if ema_profiles else None
 
     if resume_pkl is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
@@ -281,6 +287,8 @@ def training_loop(
         counters.cur_tick = resume['cur_tick']
         counters.tick_start_nimg = resume['tick_start_nimg']
         time_offset_sec = resume['total_time_sec']
+        if power_ema is not None:
+            checkpoints.restore_power_ema(resume, resume_state, power_ema)
 
     ddp = net
     if world_size > 1:
@@ -310,8 +318,12 @@ def training_loop(
             checkpoints.save_training_state(
                 os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg, kimg_per_tick)), net, ema, optimizer, loss_fn,
                 augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
-                world_size, digests, options)
+                world_size, digests, options, power_ema=power_ema)
 
+    metrics = None
+    if metric_kwargs is not None:
+        metrics = snapshot_metrics.SnapshotMetrics(run_dir=run_dir, device=device, resume_state=resume_state,
+                                                   resume_nimg=counters.cur_nimg if resume_state else 0, **metric_kwargs)
     stats_jsonl = None
     if run_dir is not None and distributed.is_main():
         stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
@@ -321,7 +333,7 @@ def training_loop(
     distributed.print0()
     tick_timer = _TickTimer(start_time, time_offset_sec)
     summary = dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, stopped=False)
-    phase = 'step'                              # 'step', 'update' (parameters half-updated), 'snapshot' or 'state' (writing)
+    phase = 'step'                              # 'step', 'update' (parameters half-updated), 'snapshot', 'metrics' or 'state'
     dataset_iterator = iter(loader)             # starts the workers: from here on, every exit ends them
     stop.install()
     try:
@@ -351,6 +363,8 @@ def training_loop(
 
             counters.cur_nimg += batch_size
             counters.cur_step += 1
+            if power_ema is not None:
+                power_ema.update(counters.cur_step)
             phase = 'step'
             finished = counters.cur_nimg >= total_nimg
             stopping = stop.agreed()
@@ -366,7 +380,11 @@ def training_loop(
             if run_dir is not None:
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
                     phase = 'snapshot'
-                    _save_snapshot(run_dir, counters.cur_nimg, kimg_per_tick, ema, loss_fn, augment_pipe, dataset_kwargs, world_size)
+                    snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, kimg_per_tick, ema, power_ema, loss_fn,
+                                                    augment_pipe, dataset_kwargs, world_size)
+                    if metrics is not None:
+                        phase = 'metrics'
+                        metrics.evaluate(counters.cur_nimg, snapshot_nets)
                     phase = 'step'
                 if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
                                             and ended_tick != 0):
@@ -381,9 +399,10 @@ def training_loop(
                 break
     except Exception as err:
         _stop_workers(dataset_iterator)  # first: a worker's pending error must not outlive the run
-        doing = {'snapshot': ' while writing a network snapshot', 'state': ' while writing a training state'}.get(phase, '')
+        doing = {'snapshot': ' while writing a network snapshot', 'metrics': ' while measuring the snapshot',
+                 'state': ' while writing a training state'}.get(phase, '')
         saved = ''
-        if phase in ('step', 'snapshot') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
+        if phase in ('step', 'snapshot', 'metrics') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
             try:
                 save_state()
                 saved = f'; training state saved, resume with --resume={run_dir}'
@@ -454,8 +473,21 @@ class _EMAUpdate:
                 torch._foreach_copy_(self.ema_buffers, self.net_buffers)
 
 
-def _save_snapshot(run_dir, cur_nimg, kimg_per_tick, ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
-    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+def _save_snapshots(run_dir, cur_nimg, kimg_per_tick, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
+    """Write the EMA snapshot and one pickle per power-EMA profile; returns {name: network} as evaluated at snapshots."""
+    _save_snapshot(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), ema, loss_fn, augment_pipe,
+                   dataset_kwargs, world_size)
+    networks = {'ema': ema}
+    if power_ema is not None:
+        for record, profile in zip(power_ema.records(cur_nimg), power_ema.emas):
+            _save_snapshot(os.path.join(run_dir, checkpoints.power_ema_name(cur_nimg, record['std'], kimg_per_tick)),
+                           profile, loss_fn, augment_pipe, dataset_kwargs, world_size, power_ema=record)
+            networks[power_ema_lib.profile_network_name(record['std'])] = profile
+    return networks
+
+
+def _save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, world_size, **extra):
+    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs), **extra)
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
             value = copy.deepcopy(value).eval().requires_grad_(False)
@@ -463,7 +495,7 @@ def _save_snapshot(run_dir, cur_nimg, kimg_per_tick, ema, loss_fn, augment_pipe,
                 misc.check_ddp_consistency(value)
             data[key] = value.cpu()
     if distributed.is_main():
-        checkpoints.save_network_pickle(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), data)
+        checkpoints.save_network_pickle(path, data)
 
 
 class _TickTimer:

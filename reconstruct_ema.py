@@ -1,0 +1,100 @@
+"""Post-hoc EMA: a network averaged with any σ_rel, combined from the power-EMA profiles a run stored
+(train.py --ema_profiles; docs/design.md#post-hoc-ema).
+
+The stored profiles up to the chosen snapshot are combined with the least-squares coefficients of
+`training.ema.solve_coefficients`; the result is a network pickle that generate.py and fid.py read like any
+snapshot.
+"""
+
+import copy
+import os
+
+import click
+
+import torch
+from training import checkpoints
+from training import ema as power_ema
+
+
+def _stored_profiles(run_dir):
+    """[(path, kimg in the name, record)] of the run's power-ema-*.pkl files, oldest first."""
+    if not os.path.isdir(run_dir):
+        raise click.BadParameter(f'{run_dir} is not a directory', param_hint='--run')
+    found = []
+    for name in sorted(os.listdir(run_dir)):
+        match = checkpoints.POWER_EMA_FILE_RE.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(run_dir, name)
+        try:
+            record = checkpoints.load_network_pickle(path).get('power_ema')
+        except (OSError, ValueError) as err:
+            raise click.ClickException(str(err).replace('\n', ' ')) from None
+        if not isinstance(record, dict) or not {'std', 'gamma', 'step', 'nimg'} <= set(record):
+            raise click.ClickException(f'{path}: records no σ_rel, γ and step of a power-EMA profile')
+        found.append((path, int(match.group(1)), record))
+    if not found:
+        raise click.ClickException(f'--run={run_dir}: no power-ema-*.pkl files (train with --ema_profiles=...)')
+    return sorted(found, key=lambda item: (item[2]['step'], item[2]['std']))
+
+
+def _combine(sources, coefficients):
+    """The network of the first source with parameters Σ coefficient · parameters (in float64), other pickle
+    contents and buffers taken from the newest source."""
+    result = None
+    sums = None
+    for (path, _, _), coefficient in zip(sources, coefficients):
+        data = checkpoints.load_network_pickle(path)
+        params = dict(data['ema'].named_parameters())
+        if sums is None:
+            sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+        for name, p in params.items():
+            sums[name] += float(coefficient) * p.detach().to(torch.float64)
+        result = data
+    net = copy.deepcopy(result['ema']).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(sums[name].to(p.dtype))
+    result['ema'] = net
+    return result
+
+
+@click.command()
+@click.option('--run', 'run_dir', help='Run directory with power-ema-*.pkl files', metavar='DIR', type=str, required=True)
+@click.option('--std', help=f'σ_rel of the wanted EMA, in (0, {power_ema.MAX_STD:.4f}]', metavar='FLOAT', type=float, required=True)
+@click.option('--kimg', help='Snapshot to reconstruct at  [default: the newest]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--dest', help='Network pickle to write', metavar='PKL', type=str, required=True)
+def main(run_dir, std, kimg, dest):
+    """Write the network averaged with the power-function EMA of σ_rel --std, at snapshot --kimg.
+
+    \b
+    python reconstruct_ema.py --run=training-runs/00000-... --std=0.075 --dest=ema-0.075.pkl
+    """
+    try:
+        power_ema.check_std(std)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--std') from None
+    stored = _stored_profiles(run_dir)
+    kimgs = sorted({item[1] for item in stored})
+    kimg = kimgs[-1] if kimg is None else kimg
+    if kimg not in kimgs:
+        raise click.BadParameter(f'{run_dir} has power-EMA profiles at kimg {", ".join(map(str, kimgs))}, not {kimg}', param_hint='--kimg')
+    target_step = max(item[2]['step'] for item in stored if item[1] == kimg)
+    sources = [item for item in stored if item[2]['step'] <= target_step]
+    target_gamma = power_ema.gamma_from_std(std)
+    coefficients = power_ema.solve_coefficients([item[2]['gamma'] for item in sources], [item[2]['step'] for item in sources],
+                                                target_gamma, target_step)
+    print(f'σ_rel {std:g} (γ {target_gamma:.4f}) at step {target_step} (kimg {kimg}) from {len(sources)} stored profiles:')
+    for (path, _, record), coefficient in zip(sources, coefficients):
+        print(f'  {coefficient:+.6f}  {os.path.basename(path)}  (σ_rel {record["std"]:g}, step {record["step"]})')
+    data = _combine(sources, coefficients)
+    data['power_ema'] = dict(std=float(std), gamma=target_gamma, step=target_step, nimg=sources[-1][2]['nimg'],
+                             sources=[os.path.basename(path) for path, _, _ in sources],
+                             coefficients=[float(c) for c in coefficients])
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    checkpoints.save_network_pickle(dest, data)
+    print(f'Saved {dest}')
+
+
+if __name__ == '__main__':
+    main()

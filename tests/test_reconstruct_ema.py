@@ -1,0 +1,60 @@
+"""train.py --ema_profiles and reconstruct_ema.py: profiles at snapshots, bit-exact resume, reconstruction, errors."""
+
+import torch
+from click.testing import CliRunner
+
+import generate
+import reconstruct_ema
+from test_fid import assert_one_line_error
+from training import checkpoints
+
+
+def reconstruct(*args):
+    return CliRunner().invoke(reconstruct_ema.main, [str(a) for a in args])
+
+
+def test_profiles_are_written_at_snapshots_with_their_record(posthoc_runs):
+    data = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000.032-0.050.pkl')
+    record = data['power_ema']
+    assert record['std'] == 0.05 and record['step'] == 4 and record['nimg'] == 32 and record['gamma'] > 0
+    assert isinstance(data['ema'], torch.nn.Module)
+
+
+def test_resume_keeps_the_profiles_bit_exact(posthoc_runs):
+    straight, resumed = (checkpoints.load_training_state(checkpoints.resolve_resume_path(str(posthoc_runs[name])))
+                         for name in ('straight', 'resumed'))
+    assert straight['power_ema']['step'] == resumed['power_ema']['step'] == 4
+    for a, b in zip(straight['power_ema']['emas'], resumed['power_ema']['emas']):
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_reconstructing_a_stored_profile_reproduces_its_tensors(posthoc_runs, tmp_path):
+    dest = tmp_path / 'ema-0.100.pkl'
+    result = reconstruct('--run', posthoc_runs['straight'], '--std', 0.1, '--dest', dest)
+    assert result.exit_code == 0, result.output
+    stored = checkpoints.load_network_pickle(posthoc_runs['straight'] / 'power-ema-000000.032-0.100.pkl')['ema']
+    rebuilt = checkpoints.load_network_pickle(dest)['ema']
+    for (name, a), (_, b) in zip(stored.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item()), name
+
+
+def test_an_in_between_std_gives_a_network_generate_py_samples_from(posthoc_runs, tmp_path):
+    dest = tmp_path / 'ema-0.070.pkl'
+    result = reconstruct('--run', posthoc_runs['straight'], '--std', 0.07, '--kimg', 0, '--dest', dest)
+    assert result.exit_code == 0, result.output
+    assert checkpoints.load_network_pickle(dest)['power_ema']['std'] == 0.07
+    result = CliRunner().invoke(generate.main, [f'--network={dest}', f'--outdir={tmp_path / "images"}', '--seeds=0-1', '--steps=2'])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / 'images').glob('*.png'))) == 2
+
+
+def test_bad_std_is_a_one_line_error(posthoc_runs, tmp_path):
+    assert_one_line_error(reconstruct('--run', posthoc_runs['straight'], '--std', 0.5, '--dest', tmp_path / 'x.pkl'), 'σ_rel')
+
+
+def test_run_dir_without_profiles_is_a_one_line_error(tmp_path):
+    assert_one_line_error(reconstruct('--run', tmp_path, '--std', 0.05, '--dest', tmp_path / 'x.pkl'), 'no power-ema')
+
+
+def test_missing_snapshot_kimg_is_a_one_line_error(posthoc_runs, tmp_path):
+    assert_one_line_error(reconstruct('--run', posthoc_runs['straight'], '--std', 0.05, '--kimg', 5, '--dest', tmp_path / 'x.pkl'), '--kimg')
