@@ -1,9 +1,10 @@
-"""torch_utils/cpu_runtime.py: OpenMP waiting chosen by the machine's load, freed memory kept for reuse."""
+"""torch_utils/cpu_runtime.py: OpenMP waiting chosen by the measured CPU use of other work, freed memory kept for reuse."""
 
 import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from conftest import REPO_ROOT
@@ -19,27 +20,32 @@ def clean_environ(monkeypatch):
 
 
 def test_idle_cpus_keep_the_openmp_default(clean_environ):
-    clean_environ.setattr(os, 'getloadavg', lambda: (0.2, 0.2, 0.2))
+    clean_environ.setattr(psutil, 'cpu_percent', lambda interval, percpu: [5.0, 10.0])
     assert 'idle' in cpu_runtime.choose_openmp_wait_policy()
     assert 'OMP_WAIT_POLICY' not in os.environ
 
 
 def test_busy_cpus_make_idle_threads_sleep(clean_environ):
-    clean_environ.setattr(os, 'getloadavg', lambda: (1.5, 1.0, 1.0))
+    clean_environ.setattr(psutil, 'cpu_percent', lambda interval, percpu: [100.0, 20.0])
     assert cpu_runtime.choose_openmp_wait_policy().startswith('PASSIVE')
     assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'
 
 
-def test_one_thread_beside_one_busy_core_is_not_contention(clean_environ):
+def test_cores_busy_only_on_cpus_outside_the_affinity_do_not_count(clean_environ):
+    clean_environ.setattr(psutil, 'cpu_percent', lambda interval, percpu: [0.0, 0.0, 100.0, 100.0])
+    assert cpu_runtime.busy_cores() == 0
+
+
+def test_a_single_thread_never_counts_as_contention(clean_environ):
     clean_environ.setenv('OMP_NUM_THREADS', '1')
-    clean_environ.setattr(os, 'getloadavg', lambda: (1.0, 1.0, 1.0))
+    clean_environ.setattr(psutil, 'cpu_percent', lambda interval, percpu: [100.0, 100.0])
     assert not cpu_runtime.cpus_busy()
 
 
 @pytest.mark.parametrize('name, value', [('OMP_WAIT_POLICY', 'ACTIVE'), ('GOMP_SPINCOUNT', '1000')])
 def test_a_users_setting_is_kept(clean_environ, name, value):
     clean_environ.setenv(name, value)
-    clean_environ.setattr(os, 'getloadavg', lambda: (9.0, 9.0, 9.0))
+    clean_environ.setattr(psutil, 'cpu_percent', lambda interval, percpu: [100.0, 100.0])
     assert 'set by the user' in cpu_runtime.choose_openmp_wait_policy()
     assert os.environ[name] == value and os.environ.get('OMP_WAIT_POLICY', value) == value
 

@@ -6,6 +6,8 @@ import ctypes.util
 import os
 import sys
 
+import psutil
+
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1      # value -1: never give the top of the heap back (mallopt(3))
 _M_MMAP_THRESHOLD = -3
@@ -18,7 +20,7 @@ def choose_openmp_wait_policy():
 
     Idle OpenMP threads spin for a while before they sleep (libgomp's default), which is the fastest on free
     cores. When other work already holds the CPUs, a thread spinning for a preempted sibling burns its time
-    slice instead (a 2-thread training step took 21.7 s instead of 2.0 s at load 3), so then they sleep
+    slice instead (a 2-thread training step took 21.7 s instead of 2.0 s beside other jobs), so then they sleep
     (PASSIVE). A policy set by the user (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is kept.
     """
     global openmp_wait_policy
@@ -33,18 +35,32 @@ def choose_openmp_wait_policy():
     return openmp_wait_policy
 
 
-def cpus_busy():
-    """True when the running load plus this process's threads exceed the CPUs it may use."""
+def busy_cores(interval_sec=0.3):
+    """How many of the CPUs this process may use are busy with other work, measured over `interval_sec`.
+
+    Measured rather than read from the load average: that one decays over a minute, so a job that has just
+    ended (the previous run of a benchmark, a preceding test) would still count as contention.
+    """
     try:
-        cpus = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no affinity or load average on this platform: assume free cores
-        return False
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+        per_cpu = psutil.cpu_percent(interval=interval_sec, percpu=True)
+    except (OSError, RuntimeError, AttributeError):  # no CPU statistics on this platform: assume free cores
+        return 0.0
+    if allowed is not None and all(index < len(per_cpu) for index in allowed):
+        per_cpu = [per_cpu[index] for index in allowed]
+    return sum(per_cpu) / 100
+
+
+def cpus_busy():
+    """True when the busy cores plus this process's threads exceed the CPUs it may use (by half a core)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     try:
         threads = min(int(os.environ.get('OMP_NUM_THREADS', cpus)), cpus)
     except ValueError:
         threads = cpus
-    return load + threads > cpus + 0.5
+    if threads <= 1:  # a single thread never waits for a sibling
+        return False
+    return busy_cores() + threads > cpus + 0.5
 
 
 def keep_freed_memory():
