@@ -1,5 +1,6 @@
 """train.py: options → config (the published recipes), run directories, and one-line errors for bad input."""
 
+import importlib.util
 import io
 import json
 import zipfile
@@ -251,3 +252,16 @@ def test_resume_auto_finds_the_newest_state_of_the_newest_matching_run(tmp_path)
     found = launch.find_auto_resume(str(tmp_path), 'data-uncond', False)
     assert found == str(tmp_path / '00001-data-uncond' / 'training-state-000002.pt')
     assert launch.find_auto_resume(str(tmp_path / '00002-data-uncond'), 'data-uncond', True) is None
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, unlabeled_zip, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: None if name == 'tensorboard' else real_find_spec(name, *args))
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '--tensorboard=1', '-n')
+    assert_one_line_error(result, '--tensorboard', 'pip install tensorboard')
+
+
+def test_tensorboard_is_recorded_in_the_training_options(tmp_path, unlabeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '-n')
+    assert result.exit_code == 0, result.output
+    assert printed_config(result.output)['tensorboard'] is False

@@ -4,6 +4,7 @@
 options. Errors are click exceptions with one-line messages naming the option at fault.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -34,7 +35,7 @@ DEFAULTS = dict(
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
     dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
-    metric_profiles=False,
+    metric_profiles=False, tensorboard=False,
 )
 
 
@@ -67,6 +68,9 @@ def build_config(opts, world_size):
                                  param_hint='--label_dropout')
     if opts.transfer is not None and opts.resume is not None:
         raise click.UsageError('--transfer and --resume cannot be used together')
+
+    if opts.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise click.UsageError('--tensorboard=True needs the tensorboard package: pip install tensorboard')
 
     precision = opts.precision or ('fp16' if opts.fp16 else 'fp32')
     if opts.fp16 and precision != 'fp16':
@@ -116,6 +120,7 @@ def build_config(opts, world_size):
     c.update(
         ema_profiles        = _ema_profiles(opts.ema_profiles),
         metric_kwargs       = _metric_kwargs(opts),
+        tensorboard         = opts.tensorboard,
         seed                = opts.seed,
         batch_size          = opts.batch,
         batch_gpu           = batch_gpu,
@@ -207,7 +212,8 @@ _RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
 
 # Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
 _RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
-                        'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device')
+                        'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
+                        'tensorboard')
 
 
 def changed_options(state_options, c):

@@ -15,12 +15,14 @@ import os
 import random
 import resource
 import signal
+import sys
 import time
 
 import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
+import tqdm
 
 import dnnlib
 from torch_utils import distributed
@@ -211,6 +213,7 @@ def training_loop(
     ema_rampup_ratio    = EMA_RAMPUP_RATIO, # EMA ramp-up coefficient; None = no ramp-up.
     ema_profiles        = None,         # σ_rel of the power-function EMA profiles kept for post-hoc EMA; None = none.
     metric_kwargs       = None,         # Options of snapshot_metrics.SnapshotMetrics (FID at snapshots); None = none.
+    tensorboard         = False,        # Also write each tick's stats as TensorBoard events into run_dir.
     lr_rampup_kimg      = 10000,        # Learning rate ramp-up in thousands of images.
     loss_scaling        = 1,            # Loss scaling factor (fp16 headroom).
     kimg_per_tick       = 50,           # Progress line interval in thousands of images.
@@ -232,7 +235,7 @@ def training_loop(
         network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs,
         augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg,
         ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, ema_profiles=ema_profiles,
-        metric_kwargs=metric_kwargs, lr_rampup_kimg=lr_rampup_kimg,
+        metric_kwargs=metric_kwargs, tensorboard=tensorboard, lr_rampup_kimg=lr_rampup_kimg,
         loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
         state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
         cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device)
@@ -327,11 +330,17 @@ def training_loop(
     stats_jsonl = None
     if run_dir is not None and distributed.is_main():
         stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+    tb_writer = None
+    if tensorboard and run_dir is not None and distributed.is_main():
+        from torch.utils.tensorboard import SummaryWriter  # optional package: launch checks it at start-up
+        tb_writer = SummaryWriter(run_dir)
     total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
     distributed.print0(f'Training for {total_kimg:g} kimg from {counters.cur_nimg / 1000:g} kimg...')
     distributed.print0()
     tick_timer = _TickTimer(start_time, time_offset_sec)
+    bar_stream = sys.__stdout__ if distributed.is_main() else None  # the real terminal, not the tee into log.txt
+    bar = tick_progress_bar(bar_stream, _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg), counters.cur_tick)
     summary = dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, stopped=False)
     phase = 'step'                              # 'step', 'update' (parameters half-updated), 'snapshot', 'metrics' or 'state'
     dataset_iterator = iter(loader)             # starts the workers: from here on, every exit ends them
@@ -363,6 +372,7 @@ def training_loop(
 
             counters.cur_nimg += batch_size
             counters.cur_step += 1
+            _advance_bar(bar, batch_size, counters, total_nimg, tick_timer.tick_start_time)
             if power_ema is not None:
                 power_ema.update(counters.cur_step)
             phase = 'step'
@@ -372,6 +382,7 @@ def training_loop(
                     or counters.cur_nimg >= counters.tick_start_nimg + nimg_per_tick):
                 continue
 
+            bar.close()
             summary = _report_tick(tick_timer, counters, total_nimg, device, stopping)
             # Counters move first, so that a state written now resumes at the next tick.
             ended_tick = counters.cur_tick
@@ -394,9 +405,14 @@ def training_loop(
             if stats_jsonl is not None:
                 stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
+            if tb_writer is not None:
+                for name, value in training_stats.default_collector.as_dict().items():
+                    tb_writer.add_scalar(name, value.mean, global_step=counters.cur_nimg)
+                tb_writer.flush()
             tick_timer.start_tick()
             if finished or stopping:
                 break
+            bar = tick_progress_bar(bar_stream, _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg), counters.cur_tick)
     except Exception as err:
         _stop_workers(dataset_iterator)  # first: a worker's pending error must not outlive the run
         doing = {'snapshot': ' while writing a network snapshot', 'metrics': ' while measuring the snapshot',
@@ -413,10 +429,13 @@ def training_loop(
         raise TrainingError(f'training failed at {counters.cur_nimg / 1000:g} kimg (step {counters.cur_step}){doing}: '
                             f'{_one_line(err)}{saved}') from err
     finally:
+        bar.close()
         stop.uninstall()
         _stop_workers(dataset_iterator)
         if stats_jsonl is not None:
             stats_jsonl.close()
+        if tb_writer is not None:
+            tb_writer.close()
 
     if stopping and not finished:
         distributed.print0('Stopped on request; resume with --resume=' + (run_dir or '<run dir>'))
@@ -518,6 +537,30 @@ class _TickTimer:
         self.tick_start_time = time.time()
         self.tick_start_cpu_sec = _cpu_sec(self.process)
         self.maintenance_sec = self.tick_start_time - self.tick_end_time
+
+
+def tick_progress_bar(stream, tick_nimg, tick):
+    """A tqdm bar of one tick on `stream` when it is a terminal, else a disabled one that writes nothing, so that
+    redirected output and log.txt never hold bar redraws."""
+    enabled = stream is not None and hasattr(stream, 'isatty') and stream.isatty()
+    return tqdm.tqdm(total=tick_nimg, desc=f'tick {tick}', file=stream, unit='img', unit_scale=True, leave=False,
+                     dynamic_ncols=True, disable=not enabled)
+
+
+def _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg):
+    """Images of the tick that starts now: tick 0 ends after one step, the last one at the run's end."""
+    if counters.cur_tick == 0:
+        return batch_size
+    return max(min(nimg_per_tick, total_nimg - counters.cur_nimg), 1)
+
+
+def _advance_bar(bar, batch_size, counters, total_nimg, tick_start_time):
+    """Count one step on the bar, with the run's ETA at this tick's pace as postfix."""
+    if bar.disable:
+        return
+    sec_per_img = (time.time() - tick_start_time) / max(counters.cur_nimg - counters.tick_start_nimg, 1)
+    bar.set_postfix_str(f'eta {dnnlib.util.format_time(max(total_nimg - counters.cur_nimg, 0) * sec_per_img)}', refresh=False)
+    bar.update(batch_size)
 
 
 def _report_tick(timer, counters, total_nimg, device, stopping):
