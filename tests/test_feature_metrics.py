@@ -85,3 +85,10 @@ def test_block_size_does_not_change_the_results():
     assert feature_metrics.precision_recall(real, fake, block_size=3) == whole
     radii = feature_metrics.knn_radii(real, block_size=7)
     assert np.allclose(radii.numpy(), feature_metrics.knn_radii(real, block_size=1000).numpy(), rtol=1e-12)
+
+
+def test_kid_standard_error_is_nan_when_every_subset_is_the_whole_set():
+    rng = np.random.default_rng(0)
+    real, fake = rng.standard_normal([50, 8]), rng.standard_normal([50, 8]) + 0.5
+    kid, standard_error = feature_metrics.kernel_inception_distance(real, fake, num_subsets=10, max_subset_size=1000)
+    assert np.isfinite(kid) and np.isnan(standard_error)

@@ -43,9 +43,14 @@ def kid_subset_estimates(real, fake, num_subsets=100, max_subset_size=1000, seed
 
 
 def kernel_inception_distance(real, fake, num_subsets=100, max_subset_size=1000, seed=0):
-    """(KID, its standard error over the subsets), both ×10³ (KID_SCALE)."""
+    """(KID, its standard error over the subsets), both ×10³ (KID_SCALE).
+
+    The standard error is NaN when it cannot be estimated: one subset, or subsets that are the whole sets
+    (both sets no larger than max_subset_size), which makes every estimate the same.
+    """
     estimates = kid_subset_estimates(real, fake, num_subsets, max_subset_size, seed) * KID_SCALE
-    standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates)) if len(estimates) > 1 else float('nan')
+    whole_sets = max(len(real), len(fake)) <= max_subset_size
+    standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates)) if len(estimates) > 1 and not whole_sets else float('nan')
     return float(estimates.mean()), float(standard_error)
 
 
