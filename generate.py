@@ -12,8 +12,7 @@ import click
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
 
 # Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-cpu_runtime.choose_openmp_wait_policy()
-cpu_runtime.keep_freed_memory()
+cpu_runtime.prepare_process()
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402

@@ -27,37 +27,37 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_features(detector, resolution, batch, num_batches, device):
-    """Images/s over `num_batches` timed batches after one warm-up batch."""
+def random_images(resolution, batch, device):
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator).to(device)
-    detector(images)
+    return torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator).to(device)
+
+
+@torch.no_grad()
+def images_per_second(run, batch, num_batches, device):
+    """Images/s of `run()` (one batch) over `num_batches` timed calls after one warm-up call."""
+    run()
     synchronize(device)
     start_s = time.perf_counter()
     for _ in range(num_batches):
-        detector(images)
+        run()
     synchronize(device)
     return batch * num_batches / (time.perf_counter() - start_s)
+
+
+def time_features(detector, resolution, batch, num_batches, device):
+    """Images/s of `metrics.Detector` on random uint8 images (resize to 299² included)."""
+    images = random_images(resolution, batch, device)
+    return images_per_second(lambda: detector(images), batch, num_batches, device)
 
 
 def time_bare_module(detector, resolution, batch, num_batches, device):
     """Images/s of the detector's TorchScript module alone, called on inputs prepared outside the timing:
     the bare loop that `time_features` (the same images through `metrics.Detector`) is compared with."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, generator=generator).to(device)
+    images = random_images(resolution, batch, device)
     if detector.convention == 'uint8':
-        run = lambda: detector.module(images, return_features=True)  # noqa: E731
-    else:
-        x = (metrics.resize_tf1_bilinear(images.to(torch.float32), metrics.INCEPTION_RESOLUTION) - 128) / 128
-        run = lambda: detector.module(x)  # noqa: E731
-    with torch.no_grad():
-        run()
-        synchronize(device)
-        start_s = time.perf_counter()
-        for _ in range(num_batches):
-            run()
-        synchronize(device)
-    return batch * num_batches / (time.perf_counter() - start_s)
+        return images_per_second(lambda: detector.module(images, return_features=True), batch, num_batches, device)
+    x = (metrics.resize_tf1_bilinear(images.to(torch.float32), metrics.INCEPTION_RESOLUTION) - 128) / 128
+    return images_per_second(lambda: detector.module(x), batch, num_batches, device)
 
 
 def time_fid(feature_dim, repeats):

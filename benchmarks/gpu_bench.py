@@ -26,7 +26,7 @@ START_SEC = time.perf_counter()  # the budget counts from start-up, imports and 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
 
-cpu_runtime.choose_openmp_wait_policy()  # before torch loads OpenMP, as train.py does
+cpu_runtime.prepare_process()  # before torch loads OpenMP, as train.py does
 
 import torch  # noqa: E402
 

@@ -19,8 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
 
 # Before torch loads OpenMP, as train.py does: the settings a user of train.py gets.
-cpu_runtime.choose_openmp_wait_policy()
-cpu_runtime.keep_freed_memory()
+cpu_runtime.prepare_process()
 
 import torch  # noqa: E402
 

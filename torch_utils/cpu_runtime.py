@@ -15,8 +15,15 @@ _M_MMAP_THRESHOLD = -3
 openmp_wait_policy = 'not chosen'   # What choose_openmp_wait_policy() decided, for the start-up report.
 
 
+def prepare_process():
+    """What every entry point calls before `import torch`: the OpenMP waiting policy and the heap setting."""
+    choose_openmp_wait_policy()
+    keep_freed_memory()
+
+
 def choose_openmp_wait_policy():
-    """Call before `import torch`. Returns the policy in force ('default', 'PASSIVE' or the user's).
+    """Call before `import torch`. Returns a description of the policy in force (also kept in
+    `openmp_wait_policy` for the start-up report).
 
     Idle OpenMP threads spin for a while before they sleep (libgomp's default), which is the fastest on free
     cores. When other work already holds the CPUs, a thread spinning for a preempted sibling burns its time
