@@ -246,8 +246,10 @@ class UNetBlock(torch.nn.Module):
             n, c, h, w = x.shape
             # q, k and v are interleaved with stride 3 along the channels (upstream layout).
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            a = attention(q, k, v)
-            x = (self.proj(a.reshape(n, c, h, w)) + x) * self.skip_scale
+            a = attention(q, k, v).reshape(n, c, h, w)
+            if x.is_contiguous(memory_format=torch.channels_last):
+                a = a.contiguous(memory_format=torch.channels_last)  # else every later layer runs channels-first
+            x = (self.proj(a) + x) * self.skip_scale
         return x
 
 
