@@ -139,11 +139,11 @@ def test_forward_and_backward_run_on_cpu(arch, precond):
 
 
 @pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
-def test_cpu_layers_stay_channels_last_through_attention(arch):
+def test_cpu_training_layers_stay_channels_last_through_attention(arch):
     # oneDNN reorders every channels-first input on CPUs: one layer losing the format (attention's output did)
     # makes all later layers pay, in training ~10% of a step. Same output either way.
     torch.manual_seed(0)
-    net = networks.EDMPrecond(img_resolution=16, img_channels=3, **ARCHS[arch])
+    net = networks.EDMPrecond(img_resolution=16, img_channels=3, **ARCHS[arch]).train()
     formats = []
     hooks = [m.register_forward_pre_hook(lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last)))
              for m in net.modules() if isinstance(m, networks.Conv2d)]
