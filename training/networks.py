@@ -249,8 +249,9 @@ class UNetBlock(torch.nn.Module):
             a = attention(q, k, v).reshape(n, c, h, w)
             if self.training and x.is_contiguous(memory_format=torch.channels_last):
                 # Else every later layer trains channels-first and oneDNN reorders each input (~10% of a CPU step).
-                # Sampling keeps channels-first after attention: no faster channels-last (GroupNorm's kernel is
-                # slower there with 4 channels per group), and the images stay those of the published code.
+                # Not when sampling, though it is faster there too: on CPUs the embedding's F.linear and the
+                # channels-last GroupNorm round differently for other batch sizes, and in this layout that
+                # changed a pixel between batch sizes (generate.py promises the same files whatever the batch).
                 a = a.contiguous(memory_format=torch.channels_last)
             x = (self.proj(a) + x) * self.skip_scale
         return x
