@@ -156,6 +156,34 @@ def test_cpu_training_layers_stay_channels_last_through_attention(arch):
     torch.testing.assert_close(net(x, sigma), out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_cpu_dropout_keeps_1_minus_p_and_rescales(channels_last):
+    x = torch.rand(16, 8, 32, 32) + 0.5  # never zero, so a zero in the output is a dropped element
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    y = networks.dropout(x, 0.13)
+    dropped = y == 0
+    n = dropped.numel()
+    assert abs(dropped.sum().item() - 0.13 * n) < 5 * math.sqrt(0.13 * 0.87 * n)  # binomial, 5 standard deviations
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.87)
+    # Independent of position: each channel and each row of pixels loses about the same share.
+    assert dropped.float().mean(dim=(0, 2, 3)).sub(0.13).abs().max() < 0.02
+    assert dropped.float().mean(dim=(0, 1, 3)).sub(0.13).abs().max() < 0.03
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # torch.manual_seed fixes the masks (resume depends on it); the next call draws a new one.
+    torch.manual_seed(3)
+    assert torch.equal(networks.dropout(x, 0.13), y)
+    assert not torch.equal(networks.dropout(x, 0.13), y)
+
+
+def test_cpu_dropout_gradient_is_the_mask():
+    x = torch.rand(4, 3, 8, 8).add(0.5).requires_grad_()
+    y = networks.dropout(x, 0.5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2)
+
+
 def test_skip_encoder_and_decoder_variants_run():
     net = networks.VPPrecond(img_resolution=16, img_channels=3, encoder_type='skip', decoder_type='skip', **SMALL_SONG)
     keys = net.state_dict().keys()
