@@ -1,7 +1,8 @@
 """Generate images from a trained network: one PNG per seed, optionally a grid, on one or many processes.
 
 Under `torchrun` each rank samples its share of the seeds; every image depends on its seed alone
-(training/sampling.py), so the files are the same whatever the batch size or the number of processes.
+(training/sampling.py), so the files are the same whatever the batch size or the number of processes (on CPUs
+to the bit, docs/compatibility.md#batch-invariance).
 """
 
 import math

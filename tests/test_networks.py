@@ -156,6 +156,24 @@ def test_cpu_training_layers_stay_channels_last_through_attention(arch):
     torch.testing.assert_close(net(x, sigma), out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp', 'adm'])
+@pytest.mark.parametrize('label_dim', [0, 10])
+def test_cpu_sampling_gives_each_image_the_same_result_in_any_batch(arch, label_dim):
+    # 32x32 so that GroupNorm meets its kernel's whole-batch split (>= 1024 pixels); generate.py's promise that the
+    # batch size does not change the files rests on this. Exact equality: a difference of one rounding step counts.
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=32, img_channels=3, label_dim=label_dim, **dict(ARCHS[arch], attn_resolutions=[16])).eval()
+    x, sigma = torch.randn(6, 3, 32, 32), torch.full([6], 2.5)
+    labels = torch.eye(10)[torch.arange(6) % 10] if label_dim else None
+    with torch.no_grad():
+        whole = net(x, sigma, labels)
+        for start, stop in ((0, 1), (1, 3), (3, 6), (5, 6)):
+            part = net(x[start:stop], sigma[start:stop], labels[start:stop] if label_dim else None)
+            assert torch.equal(part, whole[start:stop]), (start, stop)
+    net.train()  # the same rows in training mode are allowed to round differently; only the values must agree
+    torch.testing.assert_close(net(x[:1], sigma[:1], labels[:1] if label_dim else None), whole[:1], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_cpu_dropout_keeps_1_minus_p_and_rescales(channels_last):
     x = torch.rand(16, 8, 32, 32) + 0.5  # never zero, so a zero in the output is a dropped element

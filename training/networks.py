@@ -75,8 +75,19 @@ class Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
 
     def forward(self, x):
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None
+        if not self.training and x.device.type == 'cpu' and x.ndim == 2 and len(x) > 1:
+            return linear_by_row(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+
+def linear_by_row(x, weight, bias):
+    """F.linear of each row on its own. On CPUs a matrix product of a few rows takes other kernels than one of
+    many, which round differently: by rows, an image's embedding does not depend on its batch (see
+    docs/compatibility.md#batch-invariance). Rows equal to the first, as in unconditional sampling, are computed once."""
+    if torch.equal(x, x[:1].expand_as(x)):
+        return F.linear(x[:1], weight, bias).expand(len(x), -1)
+    return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
 
 
 @persistence.persistent_class
@@ -150,7 +161,21 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if not self.training and x.device.type == 'cpu' and splits_images_by_batch(x):
+            # Pad the batch to a multiple of the threads: each thread then sums whole images, as in any other batch.
+            pad = -len(x) % torch.get_num_threads()
+            padded = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]) if pad else x
+            return F.group_norm(padded, num_groups=self.num_groups, weight=weight, bias=bias, eps=self.eps)[:len(x)]
+        return F.group_norm(x, num_groups=self.num_groups, weight=weight, bias=bias, eps=self.eps)
+
+
+def splits_images_by_batch(x):
+    """Whether PyTorch's CPU GroupNorm divides this batch's pixels evenly among its threads, cutting an image's sums
+    where the batch size puts the cut: channels-last input of at least 1024 pixels per image (its kernel's own
+    threshold; channels-first input and smaller images are divided by image and group)."""
+    return (x.ndim == 4 and x.shape[2] * x.shape[3] >= 1024
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def attention(q, k, v):
@@ -262,9 +287,8 @@ class UNetBlock(torch.nn.Module):
             a = attention(q, k, v).reshape(n, c, h, w)
             if self.training and x.is_contiguous(memory_format=torch.channels_last):
                 # Else every later layer trains channels-first and oneDNN reorders each input (~10% of a CPU step).
-                # Not when sampling, though it is faster there too: on CPUs the embedding's F.linear and the
-                # channels-last GroupNorm round differently for other batch sizes, and in this layout that
-                # changed a pixel between batch sizes (generate.py promises the same files whatever the batch).
+                # Sampling was no faster this way in paired runs, and channels-first its later GroupNorms need
+                # no per-image split for batch invariance (GroupNorm.forward).
                 a = a.contiguous(memory_format=torch.channels_last)
             x = (self.proj(a) + x) * self.skip_scale
         return x
@@ -586,7 +610,10 @@ class Precond(torch.nn.Module):
         x_in = (c_in * x).to(dtype)
         if self.channels_last if self.channels_last is not None else x.device.type == 'cpu':
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        if not self.training and x_in.device.type == 'cpu' and len(x_in) == 1:
+            # oneDNN convolves one image with other kernels than several: run it as two (docs/compatibility.md#batch-invariance).
+            x_in = torch.cat([x_in, x_in])
+        F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, **model_kwargs)[:len(x)]
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
 
     def round_sigma(self, sigma):
