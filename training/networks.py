@@ -189,8 +189,10 @@ def attention(q, k, v):
     if q.device.type == 'cuda':
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return a.transpose(1, 2).to(dtype)
-    q, k, v = q.float(), k.float(), v.float()
-    weights = torch.bmm(q.transpose(1, 2), k * (1 / math.sqrt(q.shape[1]))).softmax(dim=2)
+    # Contiguous operands: given q and v as strided views of qkv, CPU bmm copies them one matrix at a time, in the
+    # backward pass too (a quarter of attention's training time).
+    q, k, v = q.float().transpose(1, 2).contiguous(), k.float(), v.float().contiguous()
+    weights = torch.bmm(q, k * (1 / math.sqrt(k.shape[1]))).softmax(dim=2)
     return torch.bmm(v, weights.transpose(1, 2)).to(dtype)
 
 
