@@ -290,7 +290,7 @@ class UNetBlock(torch.nn.Module):
             if self.training and x.is_contiguous(memory_format=torch.channels_last):
                 # Else every later layer trains channels-first and oneDNN reorders each input (~10% of a CPU step).
                 # Sampling was no faster this way in paired runs, and channels-first its later GroupNorms need
-                # no per-image split for batch invariance (GroupNorm.forward).
+                # no padding for batch invariance (GroupNorm.forward).
                 a = a.contiguous(memory_format=torch.channels_last)
             x = (self.proj(a) + x) * self.skip_scale
         return x
