@@ -174,6 +174,22 @@ def test_cpu_sampling_gives_each_image_the_same_result_in_any_batch(arch, label_
     torch.testing.assert_close(net(x[:1], sigma[:1], labels[:1] if label_dim else None), whole[:1], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp', 'adm'])
+def test_sampling_without_autograd_overwrites_nothing_it_was_given(arch):
+    # Without autograd the blocks compute into their own intermediate tensors; the result must be bit for bit
+    # the autograd-enabled one, and neither the input nor a skip connection may be written.
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, **ARCHS[arch]).eval()
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.5, 2.0, 9.0]), torch.eye(10)[[1, 4, 7]]
+    x_before = x.clone()
+    with torch.enable_grad():
+        expected = net(x, sigma, labels)
+    with torch.no_grad():
+        got = net(x, sigma, labels)
+    assert torch.equal(got, expected)
+    assert torch.equal(x, x_before)
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_cpu_dropout_keeps_1_minus_p_and_rescales(channels_last):
     x = torch.rand(16, 8, 32, 32) + 0.5  # never zero, so a zero in the output is a dropped element
