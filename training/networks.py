@@ -76,18 +76,22 @@ class Linear(torch.nn.Module):
 
     def forward(self, x):
         weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None
-        if not self.training and x.device.type == 'cpu' and x.ndim == 2 and len(x) > 1:
+        if not self.training and x.device.type == 'cpu' and x.ndim == 2:
             return linear_by_row(x, weight, bias)
         return F.linear(x, weight, bias)
 
 
 def linear_by_row(x, weight, bias):
-    """F.linear of each row on its own. On CPUs a matrix product of a few rows takes other kernels than one of
-    many, which round differently: by rows, an image's embedding does not depend on its batch (see
-    docs/compatibility.md#batch-invariance). Rows equal to the first, as in unconditional sampling, are computed once."""
-    if torch.equal(x, x[:1].expand_as(x)):
-        return F.linear(x[:1], weight, bias).expand(len(x), -1)
-    return torch.cat([F.linear(row, weight, bias) for row in x.split(1)])
+    """x·Wᵀ + b as a batch of one-row products, so that no row's rounding depends on the others: on CPUs MKL
+    multiplies one row, a few rows and many rows with different kernels, and an image's embedding would depend on
+    its batch (docs/compatibility.md#batch-invariance). Rows equal to the first (unconditional sampling) are
+    computed once."""
+    if len(x) > 1 and torch.equal(x, x[:1].expand_as(x)):
+        return linear_by_row(x[:1], weight, bias).expand(len(x), -1)
+    rows, weights = x.unsqueeze(1), weight.t().expand(len(x), -1, -1)
+    if bias is None:
+        return torch.bmm(rows, weights).squeeze(1)
+    return torch.baddbmm(bias.expand(len(x), 1, -1), rows, weights).squeeze(1)
 
 
 @persistence.persistent_class
