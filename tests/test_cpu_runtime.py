@@ -103,4 +103,6 @@ def test_freed_memory_is_reused_without_fresh_page_faults():
     default_faults = _page_faults_of_training_steps(False)
     kept_faults = _page_faults_of_training_steps(True)
     assert default_faults > 1000  # freed activations went back to the kernel and faulted in again
-    assert kept_faults < default_faults / 20, (kept_faults, default_faults)
+    # Kept memory still faults now and then in whole megabytes (0-2,000 faults against ~20,000 in repeated runs,
+    # glibc's per-thread arenas); without the setting the two counts would be about equal.
+    assert kept_faults < default_faults / 5, (kept_faults, default_faults)
