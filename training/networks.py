@@ -178,8 +178,13 @@ def splits_images_by_batch(x):
     """Whether PyTorch's CPU GroupNorm divides this batch's pixels evenly among its threads, cutting an image's sums
     where the batch size puts the cut: channels-last input of at least 1024 pixels per image (its kernel's own
     threshold; channels-first input and smaller images are divided by image and group)."""
-    return (x.ndim == 4 and x.shape[2] * x.shape[3] >= 1024
-            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+    return is_channels_last(x) and x.shape[2] * x.shape[3] >= 1024
+
+
+def is_channels_last(x):
+    """Whether x is a 4-D tensor laid out channels-last and not channels-first, which a tensor of one channel or one
+    pixel is as well (PyTorch's kernels then take the channels-first path)."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def attention(q, k, v):
@@ -213,7 +218,7 @@ def dropout(x, p):
     seed = int(torch.empty([], dtype=torch.int64).random_())
     words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4)
     lanes = torch.from_numpy(words.view(np.int16)[:x.numel()])  # uniform on [-2¹⁵, 2¹⁵)
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         n, c, h, w = x.shape
         lanes = lanes.view(n, h, w, c).permute(0, 3, 1, 2)
     else:
@@ -281,7 +286,7 @@ class UNetBlock(torch.nn.Module):
         if self.adaptive_scale:
             scale, shift = params.chunk(chunks=2, dim=1)
             x = self.norm1(x)
-            into_x = inplace and shift.dtype == x.dtype
+            into_x = inplace and torch.result_type(shift, x) == x.dtype  # as in scaled_sum
             x = F.silu(torch.addcmul(shift, x, scale + 1, out=x if into_x else None), inplace=inplace)
         else:
             x = F.silu(self.norm1(x + params), inplace=inplace)
