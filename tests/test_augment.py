@@ -228,3 +228,15 @@ def test_runs_on_cuda_like_on_cpu():
     images = random_smooth_images(16).cuda()
     identity, zero_labels = AugmentPipe(p=0, **EVERY_TRANSFORM)(images)
     assert torch.equal(identity, images) and torch.count_nonzero(zero_labels) == 0
+
+
+def test_reduced_precision_autocast_leaves_the_augmentation_in_fp32():
+    pipe = AugmentPipe(p=1, xflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    images = torch.randn([8, 3, 16, 16])
+    torch.manual_seed(5)
+    expected, expected_labels = pipe(images)
+    torch.manual_seed(5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        augmented, labels = pipe(images)
+    assert augmented.dtype == torch.float32
+    assert torch.equal(augmented, expected) and torch.equal(labels, expected_labels)

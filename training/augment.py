@@ -99,6 +99,12 @@ class AugmentPipe:
         self.translate_frac_std = float(translate_frac_std)
 
     def __call__(self, images):
+        # Geometry in fp32 whatever the caller's autocast: under bf16 the warp matrices and filters lost precision
+        # (CPU) or returned bf16 into a float32 batch (CUDA's index_copy failed).
+        with torch.autocast(images.device.type, enabled=False):
+            return self._augment(images)
+
+    def _augment(self, images):
         if images.ndim != 4:
             raise ValueError(f'AugmentPipe expects images [N,C,H,W], got shape {list(images.shape)}')
         num_images, _, height, width = images.shape
