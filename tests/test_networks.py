@@ -256,3 +256,18 @@ def test_constructor_records_arguments_for_persistence():
 def test_bad_constructor_arguments_raise_value_error_naming_them(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         networks.EDMPrecond(img_channels=3, **kwargs)
+
+
+def test_network_read_from_a_published_pickle_samples_each_image_the_same_in_any_batch(tmp_path):
+    # Published pickles are rebuilt from our classes, so the ops' batch-invariant kernels apply to them too.
+    from test_checkpoints import small_net, write_published
+    from training import checkpoints
+    path = write_published(tmp_path / 'published.pkl', dict(ema=small_net('FDM_EDMPrecond')), tmp_path / 'module_src_ran')
+    net = checkpoints.load_network_pickle(path)['ema']
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.5, 2.0, 9.0]), torch.eye(10)[[1, 4, 7]]
+    augment_labels = torch.zeros(3, 9)
+    with torch.no_grad():
+        whole = net(x, sigma, labels, augment_labels=augment_labels)
+        for start, stop in ((0, 1), (1, 3), (2, 3)):
+            part = net(x[start:stop], sigma[start:stop], labels[start:stop], augment_labels=augment_labels[start:stop])
+            assert torch.equal(part, whole[start:stop]), (start, stop)
