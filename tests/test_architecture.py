@@ -85,3 +85,55 @@ def test_the_checks_see_the_imports():
     assert 'training.networks' in graph['training.checkpoints']
     assert 'training.cli' in graph['generate'] and 'training.cli' in graph['fid']
     assert 'dnnlib.util' in graph['dnnlib']  # a relative import
+
+
+# The model reads like the paper: device- and autograd-specific kernels live in torch_utils/ops.py.
+
+MODEL_MODULES = ('training/networks.py', 'training/layers.py', 'training/unets.py')
+AUTOGRAD_MODES = {'is_grad_enabled', 'is_inference_mode_enabled', 'is_inference', 'no_grad', 'enable_grad',
+                  'inference_mode', 'set_grad_enabled'}
+DEVICE_TESTS = {'is_cuda', 'is_cpu', 'is_mps', 'cuda', 'backends'}
+DEVICE_NAMES = {'cpu', 'cuda', 'mps', 'xpu'}
+
+
+def device_and_autograd_branches(source):
+    """(line, what) for each place where `source` asks for the device or the autograd mode, names a device, or,
+    inside a forward method, writes into a tensor (`inplace=`, `out=`, `x.add_(...)`)."""
+    found = []
+    tree = ast.parse(source)
+    forwards = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == 'forward']
+    in_forward = {id(inner) for node in forwards for inner in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            if node.attr == 'type' and isinstance(node.value, ast.Attribute) and node.value.attr == 'device':
+                found.append((node.lineno, '.device.type'))
+            elif node.attr in AUTOGRAD_MODES or node.attr in DEVICE_TESTS:
+                found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in DEVICE_NAMES:
+            found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.Call) and id(node) in in_forward:
+            if any(keyword.arg in ('inplace', 'out') for keyword in node.keywords):
+                found.append((node.lineno, 'in-place keyword'))
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr.endswith('_') and not func.attr.startswith('_'):
+                found.append((node.lineno, f'.{func.attr}()'))
+    return found
+
+
+def test_model_modules_have_no_device_or_autograd_mode_branches():
+    offenders = {path: device_and_autograd_branches((REPO_ROOT / path).read_text()) for path in MODEL_MODULES}
+    assert not {path: found for path, found in offenders.items() if found}
+
+
+def test_the_branch_check_finds_each_kind_of_branch():
+    source = '''
+class Block:
+    def forward(self, x):
+        inplace = not torch.is_grad_enabled()
+        x = F.silu(x, inplace=inplace)
+        if x.device.type == 'cuda' and x.is_cuda:
+            x = torch.addcmul(x, x, x, out=x)
+        return x.add_(1)
+'''
+    kinds = {what for _, what in device_and_autograd_branches(source)}
+    assert kinds == {'is_grad_enabled', 'in-place keyword', '.device.type', "'cuda'", 'is_cuda', '.add_()'}

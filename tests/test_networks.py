@@ -175,47 +175,25 @@ def test_cpu_sampling_gives_each_image_the_same_result_in_any_batch(arch, label_
 
 
 @pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp', 'adm'])
-def test_sampling_without_autograd_overwrites_nothing_it_was_given(arch):
-    # Without autograd the blocks compute into their own intermediate tensors; the result must be bit for bit
-    # the autograd-enabled one, and neither the input nor a skip connection may be written.
+@pytest.mark.parametrize('grad', [False, True])
+def test_forward_hooks_see_activations_that_nothing_overwrites_later(arch, grad):
+    # Feature probing keeps the tensors that forward hooks capture: no later layer may write into them, with
+    # autograd or without, and the input stays as given; the result does not depend on autograd.
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, **ARCHS[arch]).eval()
     x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.5, 2.0, 9.0]), torch.eye(10)[[1, 4, 7]]
     x_before = x.clone()
-    with torch.enable_grad():
-        expected = net(x, sigma, labels)
-    with torch.no_grad():
+    captured = []
+    hooks = [m.register_forward_hook(lambda m, args, out: captured.append((out, out.clone())))
+             for m in net.model.modules() if m is not net.model]
+    with torch.set_grad_enabled(grad):
         got = net(x, sigma, labels)
-    assert torch.equal(got, expected)
+    for hook in hooks:
+        hook.remove()
+    assert len(captured) > 20 and all(torch.equal(kept, copy) for kept, copy in captured)
     assert torch.equal(x, x_before)
-
-
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_cpu_dropout_keeps_1_minus_p_and_rescales(channels_last):
-    x = torch.rand(16, 8, 32, 32) + 0.5  # never zero, so a zero in the output is a dropped element
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(3)
-    y = networks.dropout(x, 0.13)
-    dropped = y == 0
-    n = dropped.numel()
-    assert abs(dropped.sum().item() - 0.13 * n) < 5 * math.sqrt(0.13 * 0.87 * n)  # binomial, 5 standard deviations
-    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.87)
-    # Independent of position: each channel and each row of pixels loses about the same share.
-    assert dropped.float().mean(dim=(0, 2, 3)).sub(0.13).abs().max() < 0.02
-    assert dropped.float().mean(dim=(0, 1, 3)).sub(0.13).abs().max() < 0.03
-    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
-    # torch.manual_seed fixes the masks (resume depends on it); the next call draws a new one.
-    torch.manual_seed(3)
-    assert torch.equal(networks.dropout(x, 0.13), y)
-    assert not torch.equal(networks.dropout(x, 0.13), y)
-
-
-def test_cpu_dropout_gradient_is_the_mask():
-    x = torch.rand(4, 3, 8, 8).add(0.5).requires_grad_()
-    y = networks.dropout(x, 0.5)
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, (y != 0).float() * 2)
+    with torch.set_grad_enabled(not grad):
+        assert torch.equal(net(x, sigma, labels), got)
 
 
 def test_skip_encoder_and_decoder_variants_run():
@@ -278,3 +256,18 @@ def test_constructor_records_arguments_for_persistence():
 def test_bad_constructor_arguments_raise_value_error_naming_them(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         networks.EDMPrecond(img_channels=3, **kwargs)
+
+
+def test_network_read_from_a_published_pickle_samples_each_image_the_same_in_any_batch(tmp_path):
+    # Published pickles are rebuilt from our classes, so the ops' batch-invariant kernels apply to them too.
+    from test_checkpoints import small_net, write_published
+    from training import checkpoints
+    path = write_published(tmp_path / 'published.pkl', dict(ema=small_net('FDM_EDMPrecond')), tmp_path / 'module_src_ran')
+    net = checkpoints.load_network_pickle(path)['ema']
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.5, 2.0, 9.0]), torch.eye(10)[[1, 4, 7]]
+    augment_labels = torch.zeros(3, 9)
+    with torch.no_grad():
+        whole = net(x, sigma, labels, augment_labels=augment_labels)
+        for start, stop in ((0, 1), (1, 3), (2, 3)):
+            part = net(x[start:stop], sigma[start:stop], labels[start:stop], augment_labels=augment_labels[start:stop])
+            assert torch.equal(part, whole[start:stop]), (start, stop)
