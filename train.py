@@ -15,6 +15,7 @@ cpu_runtime.prepare_process()
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed  # noqa: E402
+from training import checkpoints  # noqa: E402
 from training import cli  # noqa: E402
 from training import launch  # noqa: E402
 from training import networks  # noqa: E402
@@ -63,6 +64,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--nosubdir',     help='Do not create a subdirectory for results',                     is_flag=True)
 @click.option('--tick',         help='How often to print progress', metavar='KIMG',                  type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['tick'], show_default=True)
 @click.option('--snap',         help='How often to save snapshots (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['snap'], show_default=True)
+@click.option('--format',       help='Files of snapshots and power-EMA profiles', type=click.Choice(checkpoints.FORMATS), default=launch.DEFAULTS['format'], show_default=True)
 @click.option('--dump',         help='How often to dump training state (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['dump'], show_default=True)
 @click.option('--metrics',      help='Measure at every snapshot  [default: none]',                  type=click.Choice(['fid']))
 @click.option('--metric_ref',   help='Reference statistics of --metrics (fid.py ref)', metavar='NPZ|URL', type=str)

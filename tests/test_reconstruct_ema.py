@@ -6,7 +6,7 @@ from click.testing import CliRunner
 import generate
 import reconstruct_ema
 from test_fid import assert_one_line_error
-from training import checkpoints
+from training import checkpoints, training_state
 
 
 def reconstruct(*args):
@@ -21,7 +21,7 @@ def test_profiles_are_written_at_snapshots_with_their_record(posthoc_runs):
 
 
 def test_resume_keeps_the_profiles_bit_exact(posthoc_runs):
-    straight, resumed = (checkpoints.load_training_state(checkpoints.resolve_resume_path(str(posthoc_runs[name])))
+    straight, resumed = (training_state.load_training_state(training_state.resolve_resume_path(str(posthoc_runs[name])))
                          for name in ('straight', 'resumed'))
     assert straight['power_ema']['step'] == resumed['power_ema']['step'] == 4
     for a, b in zip(straight['power_ema']['emas'], resumed['power_ema']['emas']):
