@@ -21,7 +21,7 @@ UnsafePickleError = persistence.UnsafePickleError
 PERSISTENT_MODULES = ('training.networks', 'training.loss', 'training.augment')  # whose classes files may name
 
 MAX_VALUES = 2_000_000_000      # parameters and buffers of one network
-MAX_BUILD_STEPS = 50_000        # torch operations and modules of one constructor call (DDPM++ for CIFAR-10: ~2,900)
+MAX_BUILD_STEPS = 20_000        # torch operations and modules of one constructor call (CIFAR-10 DDPM++: ~2,900; ImageNet iDDPM: ~11,800)
 MAX_INT = 2**24                 # ints in constructor arguments (a count of classes or noise levels is far below)
 _ARGUMENT_NODES = 1_000         # values in one object's constructor arguments
 
