@@ -58,3 +58,18 @@ def test_run_dir_without_profiles_is_a_one_line_error(tmp_path):
 
 def test_missing_snapshot_kimg_is_a_one_line_error(posthoc_runs, tmp_path):
     assert_one_line_error(reconstruct('--run', posthoc_runs['straight'], '--std', 0.05, '--kimg', 5, '--dest', tmp_path / 'x.pkl'), '--kimg')
+
+
+def test_safetensors_profiles_reconstruct_what_their_pickles_do(posthoc_runs, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    for path in posthoc_runs['straight'].glob('power-ema-*.pkl'):
+        checkpoints.save_network_safetensors(run / (path.stem + '.safetensors'), checkpoints.load_network(path))
+    for source, dest in ((posthoc_runs['straight'], tmp_path / 'from-pickles.pkl'), (run, tmp_path / 'from-safetensors.safetensors')):
+        result = reconstruct('--run', source, '--std', 0.07, '--dest', dest)
+        assert result.exit_code == 0, result.output
+    expected = checkpoints.load_network(tmp_path / 'from-pickles.pkl')
+    rebuilt = checkpoints.load_network(tmp_path / 'from-safetensors.safetensors')
+    assert rebuilt['power_ema'] == dict(expected['power_ema'], sources=[name.replace('.pkl', '.safetensors') for name in expected['power_ema']['sources']])
+    for (name, a), (_, b) in zip(expected['ema'].state_dict().items(), rebuilt['ema'].state_dict().items()):
+        assert torch.equal(a, b), name
