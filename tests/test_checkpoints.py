@@ -231,6 +231,18 @@ def test_published_pickle_through_plain_pickle_load_never_runs_module_src(tmp_pa
     assert not marker.exists()
 
 
+def test_plain_pickle_load_of_a_published_pickle_does_not_depend_on_earlier_imports(tmp_path):
+    net = small_net('FDM_EDMPrecond')
+    path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
+    torch.save(net_output(net), tmp_path / 'expected.pt')
+    script = (f'import pickle, sys, torch; ema = pickle.load(open({str(path)!r}, "rb"))["ema"]; '  # before any project import
+              f'sys.path.insert(0, "tests"); from test_checkpoints import net_output; '
+              f'assert torch.equal(net_output(ema), torch.load({str(tmp_path / "expected.pt")!r}))')
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / 'marker').exists()
+
+
 def test_published_ve_fdm_loads_with_multiplier_one(tmp_path):
     net = small_net('FDM_VEPrecond', fdm_multiplier=2.0)
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
