@@ -73,7 +73,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--metric_profiles', help='Also measure each --ema_profiles network', metavar='BOOL', type=bool, default=launch.DEFAULTS['metric_profiles'], show_default=True)
 @click.option('--tensorboard',  help='Also write tick stats as TensorBoard events (pip install tensorboard)', metavar='BOOL', type=bool, default=launch.DEFAULTS['tensorboard'], show_default=True)
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                type=click.IntRange(min=0, max=2**31 - 1))
-@click.option('--transfer',     help='Transfer learning from network pickle', metavar='PKL|URL',     type=str)
+@click.option('--transfer',     help='Transfer learning from network file (pickle or safetensors)', metavar='PKL|URL',     type=str)
 @click.option('--resume',       help='Resume from training state (file, run directory, or auto: the newest run of this command)', metavar='PT|DIR|auto', type=str)
 @click.option('--resume-force', help='Resume even with another dataset or network options than the state\'s', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)

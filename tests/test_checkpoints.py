@@ -1,6 +1,6 @@
-"""training/checkpoints.py and the pickle names of torch_utils/persistence.py: our snapshots round-trip,
-published pickles load without running their code, anything else is refused before it runs, damaged files
-give one-line errors naming the file."""
+"""training/checkpoints.py with training/safe_pickle.py, training/safe_build.py and the pickle names of
+torch_utils/persistence.py: our snapshots round-trip, published pickles load without running their code, anything
+else is refused before it runs or is allocated, damaged files give one-line errors naming the file."""
 
 import collections
 import contextlib

@@ -162,8 +162,12 @@ def tensor_mismatch(expected, found):
 def build(cls, init_args, init_kwargs, tensors=None, training=None):
     """`cls(*init_args, **init_kwargs)` with `tensors` ({name: tensor}) loaded into a module or a state dict into
     another object, after `check`."""
-    check(cls, init_args, init_kwargs, None if not issubclass(cls, torch.nn.Module) or not isinstance(tensors, dict)
-          else {name: t.shape for name, t in tensors.items() if isinstance(t, torch.Tensor)})
+    shapes = None
+    if issubclass(cls, torch.nn.Module):
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f'cannot restore {cls.__name__}: its state is not a dict of tensors')
+        shapes = {name: t.shape for name, t in tensors.items()}
+    check(cls, init_args, init_kwargs, shapes)
     obj = persistence.construct(cls, init_args, init_kwargs)
     if isinstance(obj, torch.nn.Module):
         persistence.restore_module(obj, tensors, training)
