@@ -2,11 +2,12 @@
 checks that a snapshot fits the network."""
 
 import copy
+import zipfile
 
 import pytest
 import torch
 
-from test_checkpoints import SMALL_SONG, small_net
+from test_checkpoints import SMALL_SONG, deflated_zeros, small_net, zip_archive
 from training import loss, training_state
 
 
@@ -79,3 +80,13 @@ def test_transfer_of_a_network_with_more_tensors_is_refused():
 
 def test_transfer_of_the_same_architecture_is_accepted():
     training_state.check_transferable(dict(ema=small_net()), small_net())
+
+
+def test_a_state_with_a_deflated_record_is_refused_before_inflating(tmp_path):
+    path = write_state(tmp_path / 'training-state-000000.pt')
+    source = zipfile.ZipFile(path)
+    members = [(info.filename, deflated_zeros(1 << 26), zipfile.ZIP_DEFLATED, 1 << 26, 0) if info.filename.endswith('/data/0')
+               else (info.filename, source.read(info), zipfile.ZIP_STORED, info.file_size, info.CRC) for info in source.infolist()]
+    path.write_bytes(zip_archive(members))
+    with pytest.raises(training_state.TrainingStateError, match="record 'archive/data/0' would inflate to 67108864"):
+        training_state.load_training_state(path)

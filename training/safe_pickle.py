@@ -153,21 +153,22 @@ def read_published(meta):
     return _build_published(record) if record.class_name in _published_root_names() else record
 
 
-def check_archive_sizes(data):
-    """Refuse a ZIP archive (torch's format for tensor storage) whose records declare more bytes than the archive holds.
+def check_archive_sizes(f, size, what='tensor storage'):
+    """Refuse a ZIP archive (torch's format; the binary file `f` of `size` bytes) whose records declare more bytes
+    than the archive holds.
 
     torch writes its records uncompressed, so they fit; a deflated record can declare gigabytes in a few megabytes,
     and torch's reader allocates and inflates a record in full before it looks at it. The sizes come from the
     archive's own directory, read before anything is inflated.
     """
     try:
-        records = zipfile.ZipFile(io.BytesIO(data)).infolist()
+        records = zipfile.ZipFile(f).infolist()
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
-        raise UnsafePickleError(f'tensor storage is a damaged ZIP archive: {persistence.one_line(e)}') from None
-    if sum(record.file_size for record in records) > len(data):
+        raise UnsafePickleError(f'{what} is a damaged ZIP archive: {persistence.one_line(e)}') from None
+    if sum(record.file_size for record in records) > size:
         largest = max(records, key=lambda record: record.file_size)
-        raise UnsafePickleError(f'tensor storage record {largest.filename!r} would inflate to {largest.file_size} bytes from '
-                                f'{largest.compress_size} compressed ones (the archive holds {len(data)}); torch writes '
+        raise UnsafePickleError(f'{what} record {largest.filename!r} would inflate to {largest.file_size} bytes from '
+                                f'{largest.compress_size} compressed ones (the archive holds {size}); torch writes '
                                 f'records uncompressed')
 
 
@@ -176,7 +177,7 @@ def _load_storage_bytes(data):
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError(f'tensor storage data is a {type(data).__name__}, not bytes')
     if bytes(data[:4]) == b'PK\x03\x04':
-        check_archive_sizes(data)
+        check_archive_sizes(io.BytesIO(data), len(data))
     try:
         storage = torch.load(io.BytesIO(data), weights_only=True, map_location='cpu')
     except pickle.UnpicklingError as e:

@@ -11,12 +11,15 @@ import os
 import pickle
 import random
 
+import zipfile
+
 import numpy as np
 import torch
 
 import dnnlib
 from torch_utils import misc
 from training import checkpoints
+from training import safe_pickle
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 1
@@ -44,6 +47,9 @@ def resolve_resume_path(path):
 def load_training_state(path, mmap=False):
     """Read a training state with `weights_only=True` (no code runs) and check that it is one of ours."""
     try:
+        if zipfile.is_zipfile(path):  # torch.load would inflate a deflated record in full before any check
+            with open(path, 'rb') as f:
+                safe_pickle.check_archive_sizes(f, os.fstat(f.fileno()).st_size, what='training state')
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as err:  # torch reports truncation, bad zips and foreign pickles with assorted types
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
