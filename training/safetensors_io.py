@@ -61,8 +61,6 @@ def encode(data):
             raise ValueError(f'snapshot key {key!r} is reserved for the file format')
         if isinstance(value, torch.nn.Module) and key != 'ema':
             raise ValueError(f'snapshot entry {key!r}: only "ema" may be a network in a safetensors file')
-        if value is None:
-            continue
         metadata[key] = _object_entry(key, value) if getattr(type(value), '_persistent', False) else _json(key, dict(value=value))
     tensors = {name: t.detach().cpu().contiguous() for name, t in data['ema'].state_dict().items()}
     return tensors, metadata
