@@ -19,13 +19,13 @@ import dnnlib
 from torch_utils import cpu_runtime
 from torch_utils import distributed
 from training import augment
-from training import training_state
 from training import ema as power_ema
 from training import networks
 from training import recipes
 from training import run_dir as run_dirs
 from training import snapshot_metrics
 from training import training_loop
+from training import training_state
 from training.precision import PRECISIONS
 
 # train.py's options when not given (click's defaults come from here).

@@ -29,9 +29,9 @@ from torch_utils import distributed
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoints
-from training import training_state
 from training import ema as power_ema_lib
 from training import snapshot_metrics
+from training import training_state
 from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
