@@ -174,7 +174,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
 
 @main.command()
 @click.option('--images', 'image_path',  help='Images to evaluate: ZIP or folder', metavar='ZIP|DIR', type=str)
-@click.option('--network', 'network_pkl', help='Or generate them from this network pickle', metavar='PKL|URL', type=str)
+@click.option('--network', 'network_pkl', help='Or generate them from this network file (pickle or safetensors)', metavar='PKL|URL', type=str)
 @click.option('--ref', 'ref_path',       help='Reference statistics', metavar='NPZ|URL',               type=str, required=True)
 @click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2))
 @click.option('--seed',                  help='Seed of the subset drawn when --images holds more', metavar='INT', type=int, default=0, show_default=True)

@@ -60,7 +60,7 @@ def gather_to_main(images_by_seed):
 
 
 @click.command()
-@click.option('--network', 'network_url', help='Network pickle: path or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--network', 'network_url', help='Network file (pickle or safetensors): path or URL', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Where to save one PNG per seed', metavar='DIR', type=str)
 @click.option('--grid', 'grid_path', help='Also save all images as one PNG grid', metavar='PATH', type=str)
 @click.option('--seeds', help='Random seeds, e.g. 0-63,100', metavar='LIST', type=cli.SeedList(), default='0-63', show_default=True)

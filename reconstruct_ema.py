@@ -17,24 +17,26 @@ from training import ema as power_ema
 
 
 def _stored_profiles(run_dir):
-    """[(path, kimg in the name, record)] of the run's power-ema-*.pkl files, oldest first."""
+    """[(path, kimg in the name, record)] of the run's power-ema-* files (pickle or safetensors, each profile once),
+    oldest first."""
     if not os.path.isdir(run_dir):
         raise click.BadParameter(f'{run_dir} is not a directory', param_hint='--run')
-    found = []
+    found, seen = [], set()
     for name in sorted(os.listdir(run_dir)):
         match = checkpoints.POWER_EMA_FILE_RE.fullmatch(name)
-        if match is None:
+        if match is None or match.group(0).rsplit('.', 1)[0] in seen:  # --format=both writes each profile twice
             continue
+        seen.add(match.group(0).rsplit('.', 1)[0])
         path = os.path.join(run_dir, name)
         try:
-            record = checkpoints.load_network_pickle(path).get('power_ema')
+            record = checkpoints.load_network(path).get('power_ema')
         except (OSError, ValueError) as err:
             raise click.ClickException(str(err).replace('\n', ' ')) from None
         if not isinstance(record, dict) or not {'std', 'gamma', 'step', 'nimg'} <= set(record):
             raise click.ClickException(f'{path}: records no σ_rel, γ and step of a power-EMA profile')
         found.append((path, int(match.group(1)), record))
     if not found:
-        raise click.ClickException(f'--run={run_dir}: no power-ema-*.pkl files (train with --ema_profiles=...)')
+        raise click.ClickException(f'--run={run_dir}: no power-ema-* files (train with --ema_profiles=...)')
     return sorted(found, key=lambda item: (item[2]['step'], item[2]['std']))
 
 
@@ -44,7 +46,7 @@ def _combine(sources, coefficients):
     result = None
     sums = None
     for (path, _, _), coefficient in zip(sources, coefficients):
-        data = checkpoints.load_network_pickle(path)
+        data = checkpoints.load_network(path)
         params = dict(data['ema'].named_parameters())
         if sums is None:
             sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
@@ -60,10 +62,10 @@ def _combine(sources, coefficients):
 
 
 @click.command()
-@click.option('--run', 'run_dir', help='Run directory with power-ema-*.pkl files', metavar='DIR', type=str, required=True)
+@click.option('--run', 'run_dir', help='Run directory with power-ema-* files', metavar='DIR', type=str, required=True)
 @click.option('--std', help=f'σ_rel of the wanted EMA, in (0, {power_ema.MAX_STD:.4f}]', metavar='FLOAT', type=float, required=True)
 @click.option('--kimg', help='Snapshot to reconstruct at  [default: the newest]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--dest', help='Network pickle to write', metavar='PKL', type=str, required=True)
+@click.option('--dest', help='Network file to write (.safetensors: safetensors, else a pickle)', metavar='PKL|SAFETENSORS', type=str, required=True)
 def main(run_dir, std, kimg, dest):
     """Write the network averaged with the power-function EMA of σ_rel --std, at snapshot --kimg.
 
@@ -92,7 +94,10 @@ def main(run_dir, std, kimg, dest):
                              sources=[os.path.basename(path) for path, _, _ in sources],
                              coefficients=[float(c) for c in coefficients])
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    checkpoints.save_network_pickle(dest, data)
+    if dest.endswith(checkpoints.SUFFIXES['safetensors']):
+        checkpoints.save_network_safetensors(dest, data)
+    else:
+        checkpoints.save_network_pickle(dest, data)
     print(f'Saved {dest}')
 
 

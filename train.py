@@ -15,6 +15,7 @@ cpu_runtime.prepare_process()
 
 import dnnlib  # noqa: E402
 from torch_utils import distributed  # noqa: E402
+from training import checkpoints  # noqa: E402
 from training import cli  # noqa: E402
 from training import launch  # noqa: E402
 from training import networks  # noqa: E402
@@ -63,6 +64,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--nosubdir',     help='Do not create a subdirectory for results',                     is_flag=True)
 @click.option('--tick',         help='How often to print progress', metavar='KIMG',                  type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['tick'], show_default=True)
 @click.option('--snap',         help='How often to save snapshots (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['snap'], show_default=True)
+@click.option('--format',       help='Files of snapshots and power-EMA profiles', type=click.Choice(checkpoints.FORMATS), default=launch.DEFAULTS['format'], show_default=True)
 @click.option('--dump',         help='How often to dump training state (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['dump'], show_default=True)
 @click.option('--metrics',      help='Measure at every snapshot  [default: none]',                  type=click.Choice(['fid']))
 @click.option('--metric_ref',   help='Reference statistics of --metrics (fid.py ref)', metavar='NPZ|URL', type=str)
@@ -71,7 +73,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--metric_profiles', help='Also measure each --ema_profiles network', metavar='BOOL', type=bool, default=launch.DEFAULTS['metric_profiles'], show_default=True)
 @click.option('--tensorboard',  help='Also write tick stats as TensorBoard events (pip install tensorboard)', metavar='BOOL', type=bool, default=launch.DEFAULTS['tensorboard'], show_default=True)
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                type=click.IntRange(min=0, max=2**31 - 1))
-@click.option('--transfer',     help='Transfer learning from network pickle', metavar='PKL|URL',     type=str)
+@click.option('--transfer',     help='Transfer learning from network file (pickle or safetensors)', metavar='PKL|URL',     type=str)
 @click.option('--resume',       help='Resume from training state (file, run directory, or auto: the newest run of this command)', metavar='PT|DIR|auto', type=str)
 @click.option('--resume-force', help='Resume even with another dataset or network options than the state\'s', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                             is_flag=True)

@@ -1,15 +1,20 @@
-"""training/checkpoints.py and the pickle names of torch_utils/persistence.py: our snapshots round-trip,
-published pickles load without running their code, anything else is refused before it runs, damaged files
-give one-line errors naming the file."""
+"""training/checkpoints.py with training/safe_pickle.py, training/safe_build.py and the pickle names of
+torch_utils/persistence.py: our snapshots round-trip, published pickles load without running their code, anything
+else is refused before it runs or is allocated, damaged files give one-line errors naming the file."""
 
+import collections
 import contextlib
 import copy
+import io
 import json
 import os
 import pickle
 import resource
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -226,6 +231,18 @@ def test_published_pickle_through_plain_pickle_load_never_runs_module_src(tmp_pa
     assert not marker.exists()
 
 
+def test_plain_pickle_load_of_a_published_pickle_does_not_depend_on_earlier_imports(tmp_path):
+    net = small_net('FDM_EDMPrecond')
+    path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
+    torch.save(net_output(net), tmp_path / 'expected.pt')
+    script = (f'import pickle, sys, torch; ema = pickle.load(open({str(path)!r}, "rb"))["ema"]; '  # before any project import
+              f'sys.path.insert(0, "tests"); from test_checkpoints import net_output; '
+              f'assert torch.equal(net_output(ema), torch.load({str(tmp_path / "expected.pt")!r}))')
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / 'marker').exists()
+
+
 def test_published_ve_fdm_loads_with_multiplier_one(tmp_path):
     net = small_net('FDM_VEPrecond', fdm_multiplier=2.0)
     path = write_published(tmp_path / 'published.pkl', dict(ema=net), tmp_path / 'marker')
@@ -383,12 +400,6 @@ def test_checkpoint_names_below_one_kimg_per_tick_carry_the_images_beyond_the_ki
     assert checkpoints.state_name(1008, kimg_per_tick=0.5) == 'training-state-000001.008.pt'
 
 
-def test_resume_from_a_directory_takes_the_newest_state_of_either_naming(tmp_path):
-    for name in ('training-state-000000.999.pt', 'training-state-000001.pt', 'training-state-000001.016.pt',
-                 'training-state-000000.pt'):
-        (tmp_path / name).write_bytes(b'')
-    assert checkpoints.resolve_resume_path(str(tmp_path)) == str(tmp_path / 'training-state-000001.016.pt')
-
 # Hostile constructor arguments and shapes: each is refused with one line in bounded time and memory.
 
 def tuple_dag(depth=60):
@@ -425,72 +436,126 @@ def nested_published_records(depth):
     return b'\x80\x02}(' + text('ema') + level * depth + b'N' + b'uuu\x85R' * depth + b'u.'
 
 
+def deflated_zeros(nbytes):
+    """A raw deflate stream of `nbytes` zero bytes in about nbytes/1000 bytes: one flushed 16 MiB block repeated."""
+    chunk = bytes(1 << 24)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return block * (nbytes // len(chunk)) + compressor.flush(zlib.Z_FINISH)
+
+
+def zip_archive(members):
+    """A ZIP archive of (name, stored bytes, method, declared size, crc) records, written field by field."""
+    out, central = io.BytesIO(), []
+    for name, data, method, size, crc in members:
+        offset, encoded = out.tell(), name.encode()
+        out.write(struct.pack('<IHHHHHIIIHH', 0x04034b50, 20, 0, method, 0, 0, crc, len(data), size, len(encoded), 0) + encoded + data)
+        central.append(struct.pack('<IHHHHHHIIIHHHHHII', 0x02014b50, 20, 20, 0, method, 0, 0, crc, len(data), size,
+                                   len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
+    start = out.tell()
+    out.write(b''.join(central))
+    out.write(struct.pack('<IHHHHIIH', 0x06054b50, 0, 0, len(central), len(central), out.tell() - start, start, 0))
+    return out.getvalue()
+
+
+def storage_bomb_pickle(nbytes=1 << 31):
+    """A network pickle of ~nbytes/1000 bytes whose tensor storage is torch's ZIP format with its data record deflated
+    from `nbytes` zeros: torch's reader allocates and inflates the record in full."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(4).untyped_storage(), buffer)
+    source = zipfile.ZipFile(buffer)
+    members = []
+    for info in source.infolist():
+        data = source.read(info)
+        if info.filename.endswith('/data/0'):
+            members.append((info.filename, deflated_zeros(nbytes), zipfile.ZIP_DEFLATED, nbytes, 0))
+        else:
+            members.append((info.filename, data, zipfile.ZIP_STORED, len(data), zlib.crc32(data)))
+    storage = _Call(torch.storage._load_from_bytes, zip_archive(members))
+    tensor = _Call(torch._utils._rebuild_tensor_v2, storage, 0, (4,), (1,), False, collections.OrderedDict())
+    return pickle.dumps(dict(ema=tensor), protocol=2)
+
+
+# name: (the file's bytes, what its one-line refusal must say). Each reason shows that the loader stopped at a bound,
+# before the work or memory the file asks for.
 HOSTILE_PICKLES = {
-    'tuple_dag_model_type': lambda: pickle.dumps(dict(ema=ours_with(model_type=tuple_dag())), protocol=2),
-    'bytearray_3e9': lambda: pickle.dumps(dict(ema=_Call(bytearray, 3 * 10**9)), protocol=2),
-    'model_channels_2048': lambda: pickle.dumps(dict(ema=ours_with(model_channels=2048)), protocol=2),
-    'num_blocks_1e7': lambda: pickle.dumps(dict(ema=ours_with(num_blocks=10**7)), protocol=2),
-    'params_over_budget': lambda: pickle.dumps(dict(ema=ours_with(model_channels=1024, channel_mult=[16])), protocol=2),
-    'float_channels': lambda: pickle.dumps(dict(ema=ours_with(model_channels=16.0)), protocol=2),
-    'nan_sigma': lambda: pickle.dumps(dict(ema=ours_with(sigma_data=float('nan'))), protocol=2),
-    'odd_resolution': lambda: pickle.dumps(dict(ema=ours_with(img_resolution=24)), protocol=2),
-    'nested_records_50k': lambda: nested_published_records(50_000),
-    'nested_lists_50k': lambda: b'\x80\x02}X\x03\x00\x00\x00ema' + b']' * 50_000 + b'a' * 49_999 + b's.',
-    'huge_zero_stride_view': lambda: pickle.dumps(dict(ema=torch.zeros(1).expand(10**12)), protocol=2),
+    'tuple_dag_model_type': (lambda: pickle.dumps(dict(ema=ours_with(model_type=tuple_dag())), protocol=2), 'tuple of more than'),
+    'bytearray_3e9': (lambda: pickle.dumps(dict(ema=_Call(bytearray, 3 * 10**9)), protocol=2), 'bytearray'),
+    'model_channels_2048_without_tensors': (lambda: pickle.dumps(dict(ema=ours_with(model_channels=2048)), protocol=2),
+                                            'tensors do not fit EDMPrecond'),
+    'num_blocks_1e7': (lambda: pickle.dumps(dict(ema=ours_with(num_blocks=10**7)), protocol=2), 'num_blocks=10000000'),
+    'params_over_budget': (lambda: pickle.dumps(dict(ema=ours_with(model_channels=1024, channel_mult=[16])), protocol=2),
+                           'more than the limit'),
+    'int_over_budget': (lambda: pickle.dumps(dict(ema=ours_with(label_dim=10**12)), protocol=2), 'label_dim=1000000000000'),
+    'float_channels': (lambda: pickle.dumps(dict(ema=ours_with(model_channels=16.0)), protocol=2), 'cannot build EDMPrecond'),
+    'nan_sigma': (lambda: pickle.dumps(dict(ema=ours_with(sigma_data=float('nan'))), protocol=2), 'not a finite number'),
+    'odd_resolution': (lambda: pickle.dumps(dict(ema=ours_with(img_resolution=24)), protocol=2), 'EDMPrecond'),
+    'nested_records_50k': (lambda: nested_published_records(50_000), 'nested deeper'),
+    'nested_lists_50k': (lambda: b'\x80\x02}X\x03\x00\x00\x00ema' + b']' * 50_000 + b'a' * 49_999 + b's.', 'nested deeper'),
+    'huge_zero_stride_view': (lambda: pickle.dumps(dict(ema=torch.zeros(1).expand(10**12)), protocol=2), 'overlapping strides'),
+    'deflated_storage_2GiB': (storage_bomb_pickle, "record 'archive/data/0' would inflate to 2147483648 bytes"),
 }
 
-_LOAD_EACH = '''
-import json, sys, time
+_LOAD_EACH = """
+import json, sys
 from training import checkpoints
 results = {}
 for path in sys.argv[1:]:
-    start = time.monotonic()
     try:
-        checkpoints.load_network_pickle(path)
-        outcome = 'loaded'
+        checkpoints.load_network(path)
+        results[path] = 'loaded'
     except ValueError as e:
-        outcome = f'{type(e).__name__}: {e}'
-    results[path] = (outcome, time.monotonic() - start)
+        results[path] = f'{type(e).__name__}: {e}'
 print(json.dumps(results))
-'''
+"""
 
 
 def limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
 
-def test_hostile_pickles_are_refused_in_bounded_time_and_memory(tmp_path):
+def test_hostile_pickles_are_refused_by_their_bounds_within_1_gib(tmp_path):
     paths = {}
-    for name, build in HOSTILE_PICKLES.items():
+    for name, (build, _) in HOSTILE_PICKLES.items():
         paths[name] = tmp_path / f'{name}.pkl'
         paths[name].write_bytes(build())
     assert len(paths['tuple_dag_model_type'].read_bytes()) < 1000 and len(paths['bytearray_3e9'].read_bytes()) < 100
+    assert len(paths['deflated_storage_2GiB'].read_bytes()) < 3 << 20
     result = subprocess.run([sys.executable, '-c', _LOAD_EACH, *map(str, paths.values())], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120, preexec_fn=limit_memory)
+                            text=True, timeout=300, preexec_fn=limit_memory)
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = json.loads(result.stdout)
     for name, path in paths.items():
-        message, seconds = outcomes[str(path)]
+        message = outcomes[str(path)]
         assert message.startswith(('UnsafePickleError', 'ValueError')) and str(path) in message, (name, message)
-        assert '\n' not in message and len(message) < 1000 and seconds < 10, (name, message, seconds)
+        assert HOSTILE_PICKLES[name][1] in message and '\n' not in message and len(message) < 1000, (name, message)
 
 
 @pytest.mark.parametrize('name, match', [
     ('tuple_dag_model_type', 'tuple of more than'),
     ('bytearray_3e9', 'bytearray'),
-    ('model_channels_2048', 'model_channels=2048'),
     ('num_blocks_1e7', 'num_blocks=10000000'),
     ('params_over_budget', 'more than the limit'),
-    ('float_channels', 'model_channels=16.0'),
+    ('int_over_budget', 'label_dim=1000000000000 exceeds'),
     ('nested_records_50k', 'nested deeper'),
     ('nested_lists_50k', 'nested deeper'),
     ('huge_zero_stride_view', 'overlapping strides'),
 ])
 def test_hostile_pickle_is_refused_as_unsafe_naming_the_reason(tmp_path, name, match):
     path = tmp_path / f'{name}.pkl'
-    path.write_bytes(HOSTILE_PICKLES[name]())
+    path.write_bytes(HOSTILE_PICKLES[name][0]())
     with pytest.raises(checkpoints.UnsafePickleError, match=match):
         checkpoints.load_network_pickle(path)
+
+
+def test_a_network_without_its_tensors_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(persistence, 'construct', lambda *args: built.append(args))
+    path = tmp_path / 'empty.pkl'
+    path.write_bytes(HOSTILE_PICKLES['model_channels_2048_without_tensors'][0]())
+    with pytest.raises(ValueError, match='tensors do not fit EDMPrecond.*missing: model[.]'):
+        checkpoints.load_network_pickle(path)
+    assert built == []
 
 
 def test_published_pickle_with_hostile_arguments_is_refused(tmp_path):
@@ -504,71 +569,7 @@ def test_published_pickle_with_hostile_arguments_is_refused(tmp_path):
 
 def test_generate_refuses_a_tuple_dag_pickle_with_one_line(tmp_path):
     path = tmp_path / 'dag.pkl'
-    path.write_bytes(HOSTILE_PICKLES['tuple_dag_model_type']())
+    path.write_bytes(HOSTILE_PICKLES['tuple_dag_model_type'][0]())
     result = subprocess.run([sys.executable, 'generate.py', f'--network={path}', f'--outdir={tmp_path / "out"}', '--seeds=0'],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit_memory)
     assert result.returncode != 0 and 'tuple of more than' in result.stderr and 'Traceback' not in result.stderr, result.stderr[-2000:]
-
-
-def write_state(path, **changes):
-    """A training state of a small network after one Adam step, with the fields in `changes` replaced."""
-    net = small_net().train().requires_grad_(True)
-    optimizer = torch.optim.Adam(net.parameters())
-    net(torch.zeros([1, 3, 16, 16]), torch.ones([1]), torch.zeros([1, 10])).sum().backward()
-    optimizer.step()
-    checkpoints.save_training_state(path, net, copy.deepcopy(net), optimizer, loss.EDMLoss(), None,
-                                    dict(cur_nimg=64, cur_step=1, cur_tick=1, tick_start_nimg=32), 1.5,
-                                    [checkpoints.rng_state(torch.device('cpu'))], 1, None, dict(seed=7))
-    if changes:
-        state = torch.load(path, weights_only=True)
-        for dotted, value in changes.items():
-            *parents, key = dotted.split('.')
-            target = state
-            for parent in parents:
-                target = target[int(parent)] if isinstance(target, list) else target[parent]
-            target[int(key) if isinstance(target, list) else key] = value
-        torch.save(state, path)
-    return path
-
-
-def test_a_written_training_state_loads(tmp_path):
-    state = checkpoints.load_training_state(write_state(tmp_path / 'training-state-000000.pt'))
-    assert state['cur_nimg'] == 64 and state['options'] == dict(seed=7)
-
-
-@pytest.mark.parametrize('changes, fragment', [
-    (dict(options=[1, 2]), 'options is a list'),
-    (dict(**{'options.seed': 'abc'}), "options.seed is 'abc'"),
-    (dict(rng_states=[]), 'rng_states is not a list of 1'),
-    (dict(**{'rng_states.0': {}}), 'rng_states[0]'),
-    (dict(**{'rng_states.0.torch_cpu': torch.zeros(0, dtype=torch.uint8)}), 'torch_cpu'),
-    (dict(cur_nimg=-1000), 'cur_nimg is -1000'),
-    (dict(optimizer='garbage'), 'optimizer is not'),
-    (dict(optimizer=dict(state=[], param_groups=7)), 'optimizer is not'),
-    (dict(net={'w': 3}), 'net is not'),
-    (dict(total_time_sec=float('nan')), 'total_time_sec'),
-    (dict(world_size=0), 'world_size'),
-])
-def test_training_state_with_a_wrong_typed_field_is_refused_at_load(tmp_path, changes, fragment):
-    path = write_state(tmp_path / 'training-state-000000.pt', **changes)
-    with pytest.raises(checkpoints.TrainingStateError, match='damaged') as info:
-        checkpoints.load_training_state(path)
-    assert fragment in str(info.value) and str(path) in str(info.value) and '\n' not in str(info.value)
-
-
-def test_transfer_into_a_network_with_more_levels_names_the_missing_tensors():
-    source = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2]))
-    target = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2, 2]))
-    with pytest.raises(checkpoints.TrainingStateError, match='88 missing from the snapshot: model.enc.4x4_down') as info:
-        checkpoints.check_transferable(dict(ema=source), target)
-    assert '\n' not in str(info.value)
-
-
-def test_transfer_of_a_network_with_more_tensors_is_refused():
-    source = small_net(arch=dict(SMALL_SONG, channel_mult=[1, 2, 2]))
-    with pytest.raises(checkpoints.TrainingStateError, match='not in the network'):
-        checkpoints.check_transferable(dict(ema=source), small_net())
-
-
-def test_transfer_of_the_same_architecture_is_accepted():
-    checkpoints.check_transferable(dict(ema=small_net()), small_net())

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import train
 from test_train import write_dataset
-from training import checkpoints
+from training import checkpoints, training_state
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXIT_TIMEOUT_SEC = 90                   # a failing run must end well within this (it hung forever before)
@@ -66,7 +66,7 @@ def test_a_truncated_image_with_workers_ends_the_run_with_one_line_and_a_state(t
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and 'img00000003.png' in errors[0] and 'truncated' in errors[0], result.stderr
     assert 'training state saved' in errors[0]
-    state = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
+    state = training_state.load_training_state(training_state.resolve_resume_path(str(tmp_path)))
     assert state['cur_step'] < 100
     assert 'Traceback' in (tmp_path / 'log.txt').read_text()  # kept for a bug report
 
@@ -74,7 +74,7 @@ def test_a_truncated_image_with_workers_ends_the_run_with_one_line_and_a_state(t
 def test_a_failing_state_write_ends_the_run_with_one_line_and_keeps_earlier_states(data, tmp_path):
     result = CliRunner().invoke(train.main, options(data, tmp_path, 1))
     assert result.exit_code == 0, result.output
-    earlier = checkpoints.resolve_resume_path(str(tmp_path))
+    earlier = training_state.resolve_resume_path(str(tmp_path))
     earlier_digest = hashlib.sha256(pathlib.Path(earlier).read_bytes()).hexdigest()
     snapshot_bytes = (tmp_path / checkpoints.snapshot_name(4, kimg_per_tick=0.004)).stat().st_size
     state_bytes = pathlib.Path(earlier).stat().st_size
@@ -123,13 +123,13 @@ def test_sigkill_leaves_no_corrupt_file_and_resume_continues_from_the_newest_sta
     finished = [name for name in os.listdir(tmp_path) if name.startswith(('training-state-', 'network-snapshot-'))]
     for name in finished:  # every file under a final name is whole
         if name.endswith('.pt'):
-            checkpoints.load_training_state(tmp_path / name)
+            training_state.load_training_state(tmp_path / name)
         else:
             checkpoints.load_network_pickle(tmp_path / name)
-    newest = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
+    newest = training_state.load_training_state(training_state.resolve_resume_path(str(tmp_path)))
     steps = newest['cur_nimg'] // 4 + 2
     result = CliRunner().invoke(train.main, options(data, tmp_path, steps, f'--resume={tmp_path}'))
     assert result.exit_code == 0, result.output
-    resumed = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
+    resumed = training_state.load_training_state(training_state.resolve_resume_path(str(tmp_path)))
     assert resumed['cur_nimg'] == steps * 4 and resumed['cur_step'] == newest['cur_step'] + 2
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')], seen  # the kill's leftovers removed

@@ -46,7 +46,7 @@ def valid_files(workdir):
     import PIL.Image
     import torch
     from torch_utils import persistence
-    from training import checkpoints, dataset, loss, metrics, networks
+    from training import checkpoints, dataset, loss, metrics, networks, training_state
 
     torch.manual_seed(0)
     net = networks.EDMPrecond(img_resolution=8, img_channels=1, label_dim=2, model_channels=8, channel_mult=[1],
@@ -71,9 +71,9 @@ def valid_files(workdir):
     optimizer.step()
     state = io.BytesIO()
     path = os.path.join(workdir, 'state.pt')
-    checkpoints.save_training_state(path, net, copy.deepcopy(net), optimizer, loss.EDMLoss(), None,
+    training_state.save_training_state(path, net, copy.deepcopy(net), optimizer, loss.EDMLoss(), None,
                                     dict(cur_nimg=64, cur_step=1, cur_tick=1, tick_start_nimg=32), 1.5,
-                                    [checkpoints.rng_state(torch.device('cpu'))], 1, None, dict(seed=7, batch_size=32))
+                                    [training_state.rng_state(torch.device('cpu'))], 1, None, dict(seed=7, batch_size=32))
     with open(path, 'rb') as f:
         state = f.read()
 
@@ -102,7 +102,7 @@ def valid_files(workdir):
     return dict(
         snapshot=(snapshot, checkpoints.load_network_pickle, ValueError),
         published=(published.getvalue(), checkpoints.load_network_pickle, ValueError),
-        state=(state, checkpoints.load_training_state, checkpoints.TrainingStateError),
+        state=(state, training_state.load_training_state, training_state.TrainingStateError),
         dataset=(images.getvalue(), read_dataset, dataset.DatasetError),
         statistics=(stats.getvalue(), read_statistics, metrics.StatisticsError),
     )

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 import generate
 import reconstruct_ema
 from test_fid import assert_one_line_error
-from training import checkpoints
+from training import checkpoints, training_state
 
 
 def reconstruct(*args):
@@ -21,7 +21,7 @@ def test_profiles_are_written_at_snapshots_with_their_record(posthoc_runs):
 
 
 def test_resume_keeps_the_profiles_bit_exact(posthoc_runs):
-    straight, resumed = (checkpoints.load_training_state(checkpoints.resolve_resume_path(str(posthoc_runs[name])))
+    straight, resumed = (training_state.load_training_state(training_state.resolve_resume_path(str(posthoc_runs[name])))
                          for name in ('straight', 'resumed'))
     assert straight['power_ema']['step'] == resumed['power_ema']['step'] == 4
     for a, b in zip(straight['power_ema']['emas'], resumed['power_ema']['emas']):
@@ -58,3 +58,18 @@ def test_run_dir_without_profiles_is_a_one_line_error(tmp_path):
 
 def test_missing_snapshot_kimg_is_a_one_line_error(posthoc_runs, tmp_path):
     assert_one_line_error(reconstruct('--run', posthoc_runs['straight'], '--std', 0.05, '--kimg', 5, '--dest', tmp_path / 'x.pkl'), '--kimg')
+
+
+def test_safetensors_profiles_reconstruct_what_their_pickles_do(posthoc_runs, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    for path in posthoc_runs['straight'].glob('power-ema-*.pkl'):
+        checkpoints.save_network_safetensors(run / (path.stem + '.safetensors'), checkpoints.load_network(path))
+    for source, dest in ((posthoc_runs['straight'], tmp_path / 'from-pickles.pkl'), (run, tmp_path / 'from-safetensors.safetensors')):
+        result = reconstruct('--run', source, '--std', 0.07, '--dest', dest)
+        assert result.exit_code == 0, result.output
+    expected = checkpoints.load_network(tmp_path / 'from-pickles.pkl')
+    rebuilt = checkpoints.load_network(tmp_path / 'from-safetensors.safetensors')
+    assert rebuilt['power_ema'] == dict(expected['power_ema'], sources=[name.replace('.pkl', '.safetensors') for name in expected['power_ema']['sources']])
+    for (name, a), (_, b) in zip(expected['ema'].state_dict().items(), rebuilt['ema'].state_dict().items()):
+        assert torch.equal(a, b), name

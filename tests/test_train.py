@@ -229,7 +229,7 @@ def test_resume_from_a_directory_without_states_is_an_error(tmp_path, unlabeled_
 
 
 def test_resume_from_a_state_with_a_wrong_typed_field_is_an_error_under_dry_run(tmp_path, unlabeled_zip):
-    from test_checkpoints import write_state
+    from test_training_state import write_state
     state = write_state(tmp_path / 'training-state-000000.pt', options=dict(seed='abc'))
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', f'--resume={state}', '-n')
     assert_one_line_error(result, '--resume', "options.seed is 'abc'")

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import train
 import conftest
 from test_train import write_dataset
-from training import checkpoints
+from training import training_state
 from training import training_loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def run_torchrun(args, nproc=2):
 
 
 def latest_state(run_dir):
-    return checkpoints.load_training_state(checkpoints.resolve_resume_path(str(run_dir)))
+    return training_state.load_training_state(training_state.resolve_resume_path(str(run_dir)))
 
 
 def flat(state_dict):

@@ -5,8 +5,8 @@ pickles as `_reconstruct(module, class_name, init_args, init_kwargs, state, trai
 rebuilds it from the registered class, with no source code in the file. Only registered classes are rebuilt;
 a module named by a pickle is imported only when it is a module of this repository.
 
-Reading files safely (the restricted unpickler, published FDM/EDM pickles, training states) is the business
-of `training/checkpoints.py`; the names here are the entry points that pickles refer to.
+Reading files safely (the restricted unpickler, published FDM/EDM pickles) is the business of
+`training/safe_pickle.py`; the names here are the entry points that pickles refer to.
 """
 
 import copy
@@ -18,11 +18,14 @@ import torch
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REGISTRY = {}                          # (module name, class name) → persistent class
-_published_reader = None                # reads `_reconstruct_persistent_obj(meta)`; set by training.checkpoints
+# Maps published objects onto this project's classes; imported by name when a published pickle asks for it (as
+# `_reconstruct` imports the module a pickle names), so that plain pickle.load does not depend on what was imported before.
+PUBLISHED_READER_MODULE = 'training.safe_pickle'
 
 
 class UnsafePickleError(ValueError):
-    """A pickle refers to something that is not a known, safe type; it was refused before that could run."""
+    """A network file refers to something that is not a known, safe type, or asks for more than a network needs;
+    it was refused before that could run or be allocated."""
 
 
 def persistent_class(cls):
@@ -111,19 +114,10 @@ def _reconstruct(module_name, class_name, init_args, init_kwargs, state, trainin
 def _reconstruct_persistent_obj(meta):
     """The name under which published FDM/EDM pickles store their objects; `module_src` is never executed.
 
-    Under plain `pickle.load` the reader of `training.checkpoints` rebuilds each top-level object from this
+    Under plain `pickle.load` the reader of PUBLISHED_READER_MODULE rebuilds each top-level object from this
     project's class; `training.checkpoints.load_network_pickle` is the safe way to read such a file.
     """
-    if _published_reader is None:
-        raise UnsafePickleError('a published FDM/EDM pickle is read by training.checkpoints; import it first, '
-                                'or use training.checkpoints.load_network_pickle')
-    return _published_reader(meta)
-
-
-def set_published_reader(reader):
-    """Install the function that `_reconstruct_persistent_obj(meta)` hands published objects to."""
-    global _published_reader
-    _published_reader = reader
+    return importlib.import_module(PUBLISHED_READER_MODULE).read_published(meta)
 
 
 def construct(cls, init_args, init_kwargs):

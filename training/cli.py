@@ -102,11 +102,11 @@ def load_network(network_url, device, option='--network'):
     """The EMA network of a snapshot (ours or a published FDM/EDM pickle), read without running code from it."""
     try:
         with dnnlib.util.open_url(network_url, verbose=distributed.is_main()) as f:
-            snapshot = checkpoints.load_network_pickle(f)
+            snapshot = checkpoints.load_network(f)
     except Exception as error:  # a file we cannot read or refuse to read is the user's input, not a bug
         raise click.ClickException(f'{option} {network_url}: {type(error).__name__}: {error}'.replace('\n', ' '))
     if not isinstance(snapshot, dict) or 'ema' not in snapshot:
-        raise click.ClickException(f'{option} {network_url}: the pickle holds no \'ema\' network')
+        raise click.ClickException(f'{option} {network_url}: the file holds no \'ema\' network')
     ema = snapshot['ema']
     if not isinstance(ema, torch.nn.Module) or not all(hasattr(ema, name) for name in ('img_resolution', 'img_channels', 'label_dim')):
         raise click.ClickException(f'{option} {network_url}: \'ema\' is a {type(ema).__name__}, not a network')

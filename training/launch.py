@@ -19,13 +19,13 @@ import dnnlib
 from torch_utils import cpu_runtime
 from torch_utils import distributed
 from training import augment
-from training import checkpoints
 from training import ema as power_ema
 from training import networks
 from training import recipes
 from training import run_dir as run_dirs
 from training import snapshot_metrics
 from training import training_loop
+from training import training_state
 from training.precision import PRECISIONS
 
 # train.py's options when not given (click's defaults come from here).
@@ -35,7 +35,7 @@ DEFAULTS = dict(
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
     dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
-    metric_profiles=False, tensorboard=False,
+    metric_profiles=False, tensorboard=False, format='pickle',
 )
 
 
@@ -131,6 +131,7 @@ def build_config(opts, world_size):
         loss_scaling        = opts.ls,
         kimg_per_tick       = opts.tick,
         snapshot_ticks      = opts.snap or None,
+        snapshot_format     = opts.format,
         state_dump_ticks    = opts.dump or None,
         resume_pkl          = opts.transfer,
         resume_state        = None,
@@ -189,9 +190,9 @@ def read_resume(c, resume, resume_force=False):
     is refused unless `resume_force`.
     """
     try:
-        c.resume_state = checkpoints.resolve_resume_path(resume)
-        state = checkpoints.load_training_state(c.resume_state, mmap=True)
-    except checkpoints.TrainingStateError as err:
+        c.resume_state = training_state.resolve_resume_path(resume)
+        state = training_state.load_training_state(c.resume_state, mmap=True)
+    except training_state.TrainingStateError as err:
         raise click.ClickException(f'--resume: {err}')
     if c.seed is None:
         c.seed = state['options']['seed']
@@ -212,7 +213,7 @@ _RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
 
 # Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
 _RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
-                        'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
+                        'kimg_per_tick', 'snapshot_ticks', 'snapshot_format', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
                         'tensorboard')
 
 
@@ -243,8 +244,8 @@ def find_auto_resume(outdir, desc, nosubdir):
         candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
     for run_dir in candidates:
         try:
-            return checkpoints.resolve_resume_path(run_dir)
-        except checkpoints.TrainingStateError:
+            return training_state.resolve_resume_path(run_dir)
+        except training_state.TrainingStateError:
             continue
     return None
 
@@ -252,8 +253,8 @@ def find_auto_resume(outdir, desc, nosubdir):
 def read_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
     try:
-        return checkpoints.load_transfer(path, net, verbose=distributed.is_main())
-    except checkpoints.TrainingStateError as err:
+        return training_state.load_transfer(path, net, verbose=distributed.is_main())
+    except training_state.TrainingStateError as err:
         raise click.ClickException(f'--transfer={err}')
 
 
@@ -351,7 +352,7 @@ def run(opts):
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
         training_loop.training_loop(**c, resume=resume, transfer=transfer)
-    except (checkpoints.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
+    except (training_state.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
         raise click.ClickException(str(err))
     except training_loop.TrainingError as err:
         if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report

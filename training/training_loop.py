@@ -4,7 +4,7 @@ Randomness of a step (σ, noise, dropout, augmentation) comes from torch's globa
 before every pass from (seed, step, global pass index). With the data order also global (each process takes
 its slice of one shared sequence), a run gives the same result whatever the number of processes, for a
 given --batch and --batch-gpu; a resumed run continues bit-for-bit. Files are written and read by
-training/checkpoints.py.
+training/checkpoints.py (snapshots) and training/training_state.py (states).
 """
 
 import copy
@@ -31,6 +31,7 @@ from torch_utils import training_stats
 from training import checkpoints
 from training import ema as power_ema_lib
 from training import snapshot_metrics
+from training import training_state
 from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
@@ -218,6 +219,7 @@ def training_loop(
     loss_scaling        = 1,            # Loss scaling factor (fp16 headroom).
     kimg_per_tick       = 50,           # Progress line interval in thousands of images.
     snapshot_ticks      = 50,           # Network snapshot interval in ticks; None = only at the end.
+    snapshot_format     = 'pickle',     # Files of snapshots and power-EMA profiles: checkpoints.FORMATS.
     state_dump_ticks    = 500,          # Training state interval in ticks; None = only at the end.
     resume_pkl          = None,         # Snapshot whose parameters start the run (--transfer).
     resume_state        = None,         # Training state to continue exactly (--resume).
@@ -236,7 +238,7 @@ def training_loop(
         augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg,
         ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, ema_profiles=ema_profiles,
         metric_kwargs=metric_kwargs, tensorboard=tensorboard, lr_rampup_kimg=lr_rampup_kimg,
-        loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
+        loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks, snapshot_format=snapshot_format,
         state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
         cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device)
     options = json.loads(json.dumps(options, default=str))  # plain JSON values, recorded in every state
@@ -249,7 +251,7 @@ def training_loop(
     batch_per_process = batch_size // world_size
 
     if resume is None and resume_state is not None:
-        resume = checkpoints.load_training_state(resume_state)
+        resume = training_state.load_training_state(resume_state)
     counters = Counters()
     if resume is not None:
         counters = Counters(cur_nimg=resume['cur_nimg'], cur_step=resume['cur_step'], cur_tick=0,
@@ -279,19 +281,19 @@ def training_loop(
     if resume_pkl is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
         if transfer is None:
-            transfer = checkpoints.load_transfer(resume_pkl, net, verbose=distributed.is_main())
+            transfer = training_state.load_transfer(resume_pkl, net, verbose=distributed.is_main())
         misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=ema, require_all=False)
         del transfer
     time_offset_sec = 0.0                   # training time of the runs this one resumes
     if resume is not None:
         distributed.print0(f'Loading training state from "{resume_state}"...')
-        checkpoints.restore_training_state(resume, resume_state, net, ema, optimizer, loss_fn, augment_pipe)
+        training_state.restore_training_state(resume, resume_state, net, ema, optimizer, loss_fn, augment_pipe)
         counters.cur_tick = resume['cur_tick']
         counters.tick_start_nimg = resume['tick_start_nimg']
         time_offset_sec = resume['total_time_sec']
         if power_ema is not None:
-            checkpoints.restore_power_ema(resume, resume_state, power_ema)
+            training_state.restore_power_ema(resume, resume_state, power_ema)
 
     ddp = net
     if world_size > 1:
@@ -306,19 +308,19 @@ def training_loop(
 
     if resume is not None:
         if resume['world_size'] == world_size:
-            checkpoints.set_rng_state(resume['rng_states'][rank], device)
+            training_state.set_rng_state(resume['rng_states'][rank], device)
         else:
             distributed.print0(f'Note: the state was written by {resume["world_size"]} processes; '
                                f'random generators start afresh')
         del resume
 
     def save_state():
-        rng_states = _gather_objects(checkpoints.rng_state(device))
+        rng_states = _gather_objects(training_state.rng_state(device))
         digests = _gather_objects(_param_digest(net))
         if any(digest != digests[0] for digest in digests):
             distributed.print0(f'Warning: the processes hold different parameters: {digests}')
         if distributed.is_main():
-            checkpoints.save_training_state(
+            training_state.save_training_state(
                 os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg, kimg_per_tick)), net, ema, optimizer, loss_fn,
                 augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
                 world_size, digests, options, power_ema=power_ema)
@@ -392,7 +394,7 @@ def training_loop(
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
                     phase = 'snapshot'
                     snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, kimg_per_tick, ema, power_ema, loss_fn,
-                                                    augment_pipe, dataset_kwargs, world_size)
+                                                    augment_pipe, dataset_kwargs, world_size, snapshot_format)
                     if metrics is not None:
                         phase = 'metrics'
                         metrics.evaluate(counters.cur_nimg, snapshot_nets)
@@ -492,20 +494,21 @@ class _EMAUpdate:
                 torch._foreach_copy_(self.ema_buffers, self.net_buffers)
 
 
-def _save_snapshots(run_dir, cur_nimg, kimg_per_tick, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
+def _save_snapshots(run_dir, cur_nimg, kimg_per_tick, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size,
+                    snapshot_format='pickle'):
     """Write the EMA snapshot and one pickle per power-EMA profile; returns {name: network} as evaluated at snapshots."""
     _save_snapshot(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), ema, loss_fn, augment_pipe,
-                   dataset_kwargs, world_size)
+                   dataset_kwargs, world_size, snapshot_format)
     networks = {'ema': ema}
     if power_ema is not None:
         for record, profile in zip(power_ema.records(cur_nimg), power_ema.emas):
             _save_snapshot(os.path.join(run_dir, checkpoints.power_ema_name(cur_nimg, record['std'], kimg_per_tick)),
-                           profile, loss_fn, augment_pipe, dataset_kwargs, world_size, power_ema=record)
+                           profile, loss_fn, augment_pipe, dataset_kwargs, world_size, snapshot_format, power_ema=record)
             networks[power_ema_lib.profile_network_name(record['std'])] = profile
     return networks
 
 
-def _save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, world_size, **extra):
+def _save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, world_size, snapshot_format, **extra):
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs), **extra)
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
@@ -514,7 +517,7 @@ def _save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, world_size,
                 misc.check_ddp_consistency(value)
             data[key] = value.cpu()
     if distributed.is_main():
-        checkpoints.save_network_pickle(path, data)
+        checkpoints.save_network(path, data, snapshot_format)
 
 
 class _TickTimer:
