@@ -16,6 +16,7 @@ cpu_runtime.prepare_process()
 import dnnlib  # noqa: E402
 from torch_utils import distributed  # noqa: E402
 from training import cli  # noqa: E402
+from training import divergence  # noqa: E402
 from training import launch  # noqa: E402
 from training import networks  # noqa: E402
 from training import recipes  # noqa: E402
@@ -70,6 +71,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--metric_detector', help='FID detector, as fid.py --detector', metavar='nvidia|offline|PATH', type=str, default=launch.DEFAULTS['metric_detector'], show_default=True)
 @click.option('--metric_profiles', help='Also measure each --ema_profiles network', metavar='BOOL', type=bool, default=launch.DEFAULTS['metric_profiles'], show_default=True)
 @click.option('--tensorboard',  help='Also write tick stats as TensorBoard events (pip install tensorboard)', metavar='BOOL', type=bool, default=launch.DEFAULTS['tensorboard'], show_default=True)
+@click.option('--nan-policy', 'nan_policy', help=f'On a non-finite loss or gradient: stop the run, or drop the step (stops after {divergence.MAX_SKIPPED_IN_A_ROW} in a row)', type=click.Choice(divergence.POLICIES), default=launch.DEFAULTS['nan_policy'], show_default=True)
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                type=click.IntRange(min=0, max=2**31 - 1))
 @click.option('--transfer',     help='Transfer learning from network pickle', metavar='PKL|URL',     type=str)
 @click.option('--resume',       help='Resume from training state (file, run directory, or auto: the newest run of this command)', metavar='PT|DIR|auto', type=str)

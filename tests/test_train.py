@@ -265,3 +265,12 @@ def test_tensorboard_is_recorded_in_the_training_options(tmp_path, unlabeled_zip
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '-n')
     assert result.exit_code == 0, result.output
     assert printed_config(result.output)['tensorboard'] is False
+
+
+def test_resume_auto_finds_the_run_of_the_same_command_whatever_its_process_count(tmp_path):
+    (tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32').mkdir()
+    (tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt').write_bytes(b'')
+    (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32').mkdir()  # another global batch: another run
+    (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32' / 'training-state-000002.pt').write_bytes(b'')
+    found = launch.find_auto_resume(str(tmp_path), 'data-uncond-ddpmpp-edm-gpus1-batch8-fp32', False)
+    assert found == str(tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt')

@@ -283,3 +283,17 @@ def test_run_without_a_terminal_prints_and_logs_no_progress_bar(data, tmp_path, 
     captured = capfd.readouterr()
     for text in (result.output, (tmp_path / 'log.txt').read_text(), captured.out, captured.err):
         assert 'img/s' not in text and '\r' not in text and '%|' not in text
+
+
+def test_resume_auto_continues_a_two_process_run_in_one_process_as_resume_dir_would(data, tmp_path):
+    # A requeue on another allocation: the run directory's name says gpus2, the new run has one process.
+    def options(outdir, steps, *extra):
+        return [arg for arg in tiny_options(data, outdir, steps, *extra) if arg != '--nosubdir']
+    run_torchrun(options(tmp_path / 'runs', STEPS // 2))
+    (first_run,) = os.listdir(tmp_path / 'runs')
+    assert '-gpus2-' in first_run
+    auto = run_in_process(options(tmp_path / 'runs', STEPS, '--resume=auto'))
+    assert f'continuing {tmp_path / "runs" / first_run}' in auto.output and 'written by 2 processes' in auto.output
+    run_in_process(tiny_options(data, tmp_path / 'explicit', STEPS, f'--resume={tmp_path / "runs" / first_run}'))
+    (second_run,) = set(os.listdir(tmp_path / 'runs')) - {first_run}
+    assert_states_identical(latest_state(tmp_path / 'runs' / second_run), latest_state(tmp_path / 'explicit'))

@@ -35,7 +35,7 @@ DEFAULTS = dict(
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
     dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
-    metric_profiles=False, tensorboard=False,
+    metric_profiles=False, tensorboard=False, nan_policy='stop',
 )
 
 
@@ -139,6 +139,7 @@ def build_config(opts, world_size):
         precision           = precision,
         compile             = opts.compile,
         device              = opts.device,
+        nan_policy          = opts.nan_policy,
     )
     return c
 
@@ -213,7 +214,7 @@ _RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
 # Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
 _RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
                         'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
-                        'tensorboard')
+                        'tensorboard', 'nan_policy')
 
 
 def changed_options(state_options, c):
@@ -231,15 +232,26 @@ def changed_options(state_options, c):
             if old.get(key) != new.get(key)]
 
 
+_PROCESS_COUNT_RE = re.compile(r'-gpus\d+-')   # the part of a run's description that a requeue may change
+
+
+def same_command(run_desc, desc):
+    """True when the run directory description `run_desc` is that of `desc` but for the number of processes
+    (`gpus{N}`): the global batch, which fixes what is trained, is part of both."""
+    return _PROCESS_COUNT_RE.sub('-gpus*-', run_desc) == _PROCESS_COUNT_RE.sub('-gpus*-', desc)
+
+
 def find_auto_resume(outdir, desc, nosubdir):
     """--resume=auto: the newest training state of the newest run directory `{id}-{desc}` in `outdir` that has
-    one (`outdir` itself with --nosubdir); None when there is none, so that the first launch starts afresh."""
+    one (`outdir` itself with --nosubdir), whatever number of processes wrote it; None when there is none, so that
+    the first launch starts afresh."""
     if not os.path.isdir(outdir):
         return None
     if nosubdir:
         candidates = [outdir]
     else:
-        runs = [(int(m.group(1)), name) for name in os.listdir(outdir) if (m := re.fullmatch(r'(\d+)-(.*)', name)) and m.group(2) == desc]
+        runs = [(int(m.group(1)), name) for name in os.listdir(outdir)
+                if (m := re.fullmatch(r'(\d+)-(.*)', name)) and same_command(m.group(2), desc)]
         candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
     for run_dir in candidates:
         try:
@@ -313,6 +325,9 @@ def run(opts):
         resume_path = _broadcast_from_rank0(find_auto_resume(opts.outdir, desc, opts.nosubdir))
         distributed.print0(f'--resume=auto: {"continuing " + resume_path if resume_path else "no training state yet; starting afresh"}')
     resume, resume_changes = read_resume(c, resume_path, opts.resume_force) if resume_path is not None else (None, [])
+    if resume is not None and resume['world_size'] != world_size:
+        distributed.print0(f'The state was written by {resume["world_size"]} processes, this run has {world_size}: '
+                           f'the same global batch of {c.batch_size} images continues')
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
 
@@ -391,7 +406,8 @@ def _print_summary(c, opts, dataset, world_size, resume_changes):
     distributed.print0()
 
 
-_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'resume_force': '--resume-force'}  # the others are --{name}
+_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'resume_force': '--resume-force',
+               'nan_policy': '--nan-policy'}  # the others are --{name}
 _SWITCHES = ('nosubdir', 'dry_run', 'resume_force')                 # given without a value
 
 

@@ -29,12 +29,12 @@ from torch_utils import distributed
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoints
+from training import divergence
 from training import ema as power_ema_lib
 from training import snapshot_metrics
 from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
-GRAD_LIMIT = 1e5                        # Infinite gradient entries are clipped to ±this; NaNs become 0.
 
 
 class TrainingError(RuntimeError):
@@ -226,6 +226,7 @@ def training_loop(
     precision           = 'fp32',       # 'fp32', 'fp16' (the network's use_fp16) or 'bf16' (autocast); see PRECISIONS.
     compile             = False,        # torch.compile the inner network.
     device              = None,         # 'cpu' or 'cuda'; None = the device distributed.init() chose.
+    nan_policy          = 'stop',       # Non-finite loss or gradients: 'stop' the run or 'skip-step'; see divergence.py.
     resume              = None,         # The state at resume_state when the caller has read it; None = read it here.
     transfer            = None,         # The snapshot at resume_pkl when the caller has read it; None = read it here.
 ):
@@ -238,7 +239,8 @@ def training_loop(
         metric_kwargs=metric_kwargs, tensorboard=tensorboard, lr_rampup_kimg=lr_rampup_kimg,
         loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
         state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
-        cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device)
+        cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device,
+        nan_policy=nan_policy)
     options = json.loads(json.dumps(options, default=str))  # plain JSON values, recorded in every state
     start_time = time.time()
     device = _training_device(device)
@@ -302,6 +304,7 @@ def training_loop(
     autocast_dtype = PRECISIONS[precision].train_autocast
     autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     ema_update = _EMAUpdate(net, ema)
+    guard = divergence.NonFiniteGuard(net.parameters(), optimizer, nan_policy)
     stop = _StopRequest()
 
     if resume is not None:
@@ -313,6 +316,7 @@ def training_loop(
         del resume
 
     def save_state():
+        divergence.check_finite('the network to save', net, ema, *(power_ema.emas if power_ema else []))
         rng_states = _gather_objects(checkpoints.rng_state(device))
         digests = _gather_objects(_param_digest(net))
         if any(digest != digests[0] for digest in digests):
@@ -362,11 +366,8 @@ def training_loop(
             lr = optimizer_kwargs['lr'] * min(counters.cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            for param in ema_update.net_params:
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0, posinf=GRAD_LIMIT, neginf=-GRAD_LIMIT, out=param.grad)
             phase = 'update'
-            optimizer.step()
+            guard.step(counters.cur_step)
             loss_fn.advance()
             ema_update(counters.cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
 
@@ -383,7 +384,8 @@ def training_loop(
                 continue
 
             bar.close()
-            summary = _report_tick(tick_timer, counters, total_nimg, device, stopping)
+            skipped_steps = guard.verdict(batch_size)  # before anything of this tick is written
+            summary = _report_tick(tick_timer, counters, total_nimg, device, stopping, skipped_steps)
             # Counters move first, so that a state written now resumes at the next tick.
             ended_tick = counters.cur_tick
             counters.cur_tick += 1
@@ -391,6 +393,7 @@ def training_loop(
             if run_dir is not None:
                 if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
                     phase = 'snapshot'
+                    divergence.check_finite('the EMA network to save', ema, *(power_ema.emas if power_ema else []))
                     snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, kimg_per_tick, ema, power_ema, loss_fn,
                                                     augment_pipe, dataset_kwargs, world_size)
                     if metrics is not None:
@@ -418,7 +421,15 @@ def training_loop(
         doing = {'snapshot': ' while writing a network snapshot', 'metrics': ' while measuring the snapshot',
                  'state': ' while writing a training state'}.get(phase, '')
         saved = ''
-        if phase in ('step', 'snapshot', 'metrics') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
+        if not isinstance(err, divergence.DivergenceError):
+            try:
+                guard.verdict(batch_size)
+            except divergence.DivergenceError as diverged:
+                err = diverged  # the diverged weights must not be saved whatever failed afterwards
+        if isinstance(err, divergence.DivergenceError):
+            doing = ''
+            saved = f'; nothing of it was saved{_newest_state_note(run_dir)}'
+        elif phase in ('step', 'snapshot', 'metrics') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
             try:
                 save_state()
                 saved = f'; training state saved, resume with --resume={run_dir}'
@@ -563,7 +574,15 @@ def _advance_bar(bar, batch_size, counters, total_nimg, tick_start_time):
     bar.update(batch_size)
 
 
-def _report_tick(timer, counters, total_nimg, device, stopping):
+def _newest_state_note(run_dir):
+    """'; the newest training state is PATH' (the one a resume of `run_dir` picks), or '' when there is none."""
+    try:
+        return f'; the newest training state is {checkpoints.resolve_resume_path(run_dir)}' if run_dir else ''
+    except checkpoints.TrainingStateError:
+        return '; no training state was written before'
+
+
+def _report_tick(timer, counters, total_nimg, device, stopping, skipped_steps):
     """Report the tick's statistics, print its progress line and return the run's summary so far."""
     tick_sec = timer.end_tick()
     tick_nimg = max(counters.cur_nimg - counters.tick_start_nimg, 1)
@@ -582,6 +601,7 @@ def _report_tick(timer, counters, total_nimg, device, stopping):
     training_stats.report0('Resources/cpu_mem_gb', cpu_mem_gb)
     training_stats.report0('Resources/peak_cpu_mem_gb', _peak_cpu_mem_gb())
     training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem_gb)
+    training_stats.report0('Progress/skipped_steps', skipped_steps)
     training_stats.default_collector.update()
     loss_mean = training_stats.default_collector.mean('Loss/loss')
     eta_sec = max(total_nimg - counters.cur_nimg, 0) / 1000 * sec_per_kimg
@@ -599,6 +619,8 @@ def _report_tick(timer, counters, total_nimg, device, stopping):
         fields.append(f'gpumem {gpu_mem_gb:<6.2f}')
         torch.cuda.reset_peak_memory_stats(device)
     fields.append(f'loss {loss_mean:<8.4f}')
+    if skipped_steps:
+        fields.append(f'skipped {skipped_steps}')
     distributed.print0(' '.join(fields))
     return dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, cur_tick=counters.cur_tick,
                            stopped=stopping, sec_per_kimg=sec_per_kimg, peak_cpu_mem_gb=_peak_cpu_mem_gb(),
