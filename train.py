@@ -91,6 +91,8 @@ def main(**kwargs):
         device = distributed.init(None if opts.device == 'auto' else opts.device)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--device')
+    except distributed.ProcessGroupError as err:
+        raise click.ClickException(str(err))
     opts.device = device.type
     try:
         launch.run(opts)

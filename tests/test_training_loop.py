@@ -297,3 +297,29 @@ def test_resume_auto_continues_a_two_process_run_in_one_process_as_resume_dir_wo
     run_in_process(tiny_options(data, tmp_path / 'explicit', STEPS, f'--resume={tmp_path / "runs" / first_run}'))
     (second_run,) = set(os.listdir(tmp_path / 'runs')) - {first_run}
     assert_states_identical(latest_state(tmp_path / 'runs' / second_run), latest_state(tmp_path / 'explicit'))
+
+
+def test_a_killed_worker_ends_the_run_and_the_survivor_says_that_no_state_was_saved(data, tmp_path):
+    import psutil
+    run_dir = tmp_path / 'run'
+    env = {key: value for key, value in os.environ.items() if key not in conftest.TORCHRUN_ENV}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
+               str(REPO_ROOT / 'train.py'), *tiny_options(data, run_dir, 100000)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / 'stats.jsonl').exists() or not (run_dir / 'stats.jsonl').read_text():
+            assert process.poll() is None and time.time() < deadline, 'training did not start'
+            time.sleep(0.2)
+        (rank1,) = [child for child in psutil.Process(process.pid).children(recursive=True)
+                    if child.environ().get('RANK') == '1' and 'train.py' in ' '.join(child.cmdline())]
+        rank1.kill()
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    errors = [line for line in output.splitlines() if 'Error:' in line]
+    assert any('no training state saved (a run of 2 processes' in line for line in errors), output[-3000:]
+    signalled = [line for line in output.splitlines() if 'finishing this step' in line]
+    assert all('if every process is still running' in line for line in signalled), signalled

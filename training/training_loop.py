@@ -118,8 +118,9 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
-        print(f'\n{signal.Signals(signum).name}: finishing this step and saving the training state '
-              f'(send again to abort)', flush=True)
+        saving = ('saving the training state' if self.group is None else
+                  'saving the training state if every process is still running (else the newest state stays)')
+        print(f'\n{signal.Signals(signum).name}: finishing this step and {saving} (send again to abort)', flush=True)
         self.uninstall()
 
     def agreed(self):
@@ -437,6 +438,9 @@ def training_loop(
                 saved = f'; no training state saved ({_one_line(save_err)})'
         elif phase == 'state':
             saved = '; earlier training states are intact'
+        elif world_size > 1:
+            saved = (f'; no training state saved (a run of {world_size} processes saves one only when all stop '
+                     f'together){_newest_state_note(run_dir)}')
         raise TrainingError(f'training failed at {counters.cur_nimg / 1000:g} kimg (step {counters.cur_step}){doing}: '
                             f'{_one_line(err)}{saved}') from err
     finally:
