@@ -10,11 +10,9 @@ training/checkpoints.py.
 import copy
 import dataclasses
 import json
-import multiprocessing
 import os
 import random
 import resource
-import signal
 import sys
 import time
 
@@ -31,14 +29,12 @@ from torch_utils import training_stats
 from training import checkpoints
 from training import divergence
 from training import ema as power_ema_lib
+from training import run_control
 from training import snapshot_metrics
+from training.run_control import TrainingError  # noqa: F401  (what launch catches)
 from training.precision import PRECISIONS
 
 EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction of the images seen so far.
-
-
-class TrainingError(RuntimeError):
-    """The run failed; the one-line message says where and what, and whether a training state was written."""
 
 
 class BatchSizeError(ValueError):
@@ -70,6 +66,19 @@ class Counters:
     cur_tick: int = 0                   # Progress ticks reported.
     tick_start_nimg: int = 0            # cur_nimg when the current tick began.
 
+    @classmethod
+    def resumed(cls, state):
+        """Where a training state stood; zeros for None."""
+        if state is None:
+            return cls()
+        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
+
+    def next_tick(self):
+        """Close the current tick and return its number."""
+        self.cur_tick += 1
+        self.tick_start_nimg = self.cur_nimg
+        return self.cur_tick - 1
+
 
 class _GlobalOrderSampler(torch.utils.data.Sampler):
     """This process's share of one dataset order common to all processes.
@@ -97,75 +106,10 @@ class _GlobalOrderSampler(torch.utils.data.Sampler):
                 yield index
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step; a second signal aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        self.group = None
-        if distributed.get_world_size() > 1:  # a CPU side channel, so polling never syncs the GPU stream
-            self.group = dist.new_group(backend='gloo')
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        saving = ('saving the training state' if self.group is None else
-                  'saving the training state if every process is still running (else the newest state stays)')
-        print(f'\n{signal.Signals(signum).name}: finishing this step and {saving} (send again to abort)', flush=True)
-        self.uninstall()
-
-    def agreed(self):
-        """True on every rank when any rank was signalled."""
-        if self.group is None:
-            return self.requested
-        flag = torch.tensor([int(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-
-def _ignore_stop_signals(worker_id):
-    """DataLoader workers leave SIGINT/SIGTERM to the training process, which stops cleanly and ends them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-WORKER_EXIT_SEC = 5                     # How long DataLoader workers get to end before they are killed.
-
-
-def _stop_workers(iterator):
-    """End the DataLoader workers of `iterator` now; they ignore SIGTERM, so those that linger get SIGKILL.
-
-    Left to interpreter exit, multiprocessing would SIGTERM and then wait for them forever.
-    """
-    workers = list(getattr(iterator, '_workers', []))
-    shutdown = getattr(iterator, '_shutdown_workers', None)
-    if shutdown is not None:
-        shutdown()  # asks them to end (their "done" event) and waits up to torch's status interval
-    deadline = time.monotonic() + WORKER_EXIT_SEC
-    for worker in workers:
-        worker.join(timeout=max(deadline - time.monotonic(), 0))
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=1)
-    multiprocessing.active_children()  # reaps them
-
-
-def _one_line(err):
-    """The gist of an exception in one line. A DataLoader worker's error comes back with the worker's traceback in
-    its message, whose last line is the original error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if 'Original Traceback' in str(err):
-        return lines[-1]
-    return f'{type(err).__name__}: {lines[0]}' if lines else type(err).__name__
+def _plain_options(arguments):
+    """training_loop's arguments as plain JSON values, less the objects read for it (resume, transfer)."""
+    options = {key: value for key, value in arguments.items() if key not in ('resume', 'transfer')}
+    return json.loads(json.dumps(options, default=str))
 
 
 def _pass_seed(seed, step, pass_index):
@@ -220,242 +164,127 @@ def training_loop(
     kimg_per_tick       = 50,           # Progress line interval in thousands of images.
     snapshot_ticks      = 50,           # Network snapshot interval in ticks; None = only at the end.
     state_dump_ticks    = 500,          # Training state interval in ticks; None = only at the end.
-    resume_pkl          = None,         # Snapshot whose parameters start the run (--transfer).
-    resume_state        = None,         # Training state to continue exactly (--resume).
+    resume_pkl          = None,         # Snapshot whose parameters start the run (--transfer); read as `transfer`.
+    resume_state        = None,         # Training state to continue exactly (--resume); read as `resume`.
     cudnn_benchmark     = True,         # cuDNN autotuning on CUDA.
     allow_tf32          = False,        # TF32 matmuls/convolutions on CUDA (off: float32 stays float32).
     precision           = 'fp32',       # 'fp32', 'fp16' (the network's use_fp16) or 'bf16' (autocast); see PRECISIONS.
     compile             = False,        # torch.compile the inner network.
     device              = None,         # 'cpu' or 'cuda'; None = the device distributed.init() chose.
     nan_policy          = 'stop',       # Non-finite loss or gradients: 'stop' the run or 'skip-step'; see divergence.py.
-    resume              = None,         # The state at resume_state when the caller has read it; None = read it here.
-    transfer            = None,         # The snapshot at resume_pkl when the caller has read it; None = read it here.
+    resume              = None,         # The training state at resume_state, as checkpoints.load_training_state read it.
+    transfer            = None,         # The snapshot at resume_pkl, as checkpoints.load_transfer read it.
 ):
     """Train until `total_kimg` or a SIGINT/SIGTERM; returns a summary of the last tick."""
-    options = dict(
-        run_dir=run_dir, dataset_kwargs=dataset_kwargs, data_loader_kwargs=data_loader_kwargs,
-        network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, optimizer_kwargs=optimizer_kwargs,
-        augment_kwargs=augment_kwargs, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg,
-        ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio, ema_profiles=ema_profiles,
-        metric_kwargs=metric_kwargs, tensorboard=tensorboard, lr_rampup_kimg=lr_rampup_kimg,
-        loss_scaling=loss_scaling, kimg_per_tick=kimg_per_tick, snapshot_ticks=snapshot_ticks,
-        state_dump_ticks=state_dump_ticks, resume_pkl=resume_pkl, resume_state=resume_state,
-        cudnn_benchmark=cudnn_benchmark, allow_tf32=allow_tf32, precision=precision, compile=compile, device=device,
-        nan_policy=nan_policy)
-    options = json.loads(json.dumps(options, default=str))  # plain JSON values, recorded in every state
+    options = _plain_options(locals())  # the config, recorded in every state
     start_time = time.time()
     device = _training_device(device)
-    rank = distributed.get_rank()
-    world_size = distributed.get_world_size()
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     _seed_and_configure_torch(seed, rank, world_size, cudnn_benchmark, allow_tf32)
     batch_gpu, num_rounds = batch_rounds(batch_size, batch_gpu, world_size)
-    batch_per_process = batch_size // world_size
-
-    if resume is None and resume_state is not None:
-        resume = checkpoints.load_training_state(resume_state)
-    counters = Counters()
-    if resume is not None:
-        counters = Counters(cur_nimg=resume['cur_nimg'], cur_step=resume['cur_step'], cur_tick=0,
-                            tick_start_nimg=resume['cur_nimg'])
+    counters = Counters.resumed(resume)
 
     distributed.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     sampler = _GlobalOrderSampler(dataset, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
                                   start_nimg=resume['sampler_nimg'] if resume else 0)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, worker_init_fn=_ignore_stop_signals,
-                                         generator=torch.Generator().manual_seed(seed), **data_loader_kwargs)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, generator=torch.Generator().manual_seed(seed),
+                                         worker_init_fn=run_control.ignore_stop_signals, **data_loader_kwargs)
 
     distributed.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net.train().requires_grad_(True).to(device)
     if distributed.is_main():
         _print_network_summary(net, batch_gpu, device)
 
     distributed.print0('Setting up optimizer...')
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
-    augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    power_ema = power_ema_lib.PowerEMA(net, ema_profiles) if ema_profiles else None
-
-    if resume_pkl is not None:
+    run = _Run(run_dir=run_dir, options=options, counters=counters, net=net,
+               ema=power_ema_lib.TrainingEMA(net, ema_halflife_kimg, ema_rampup_ratio, ema_profiles),
+               loss_fn=dnnlib.util.construct_class_by_name(**loss_kwargs),
+               optimizer=dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs),
+               augment_pipe=dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs else None,
+               device=device, kimg_per_tick=kimg_per_tick, start_time=start_time)
+    if transfer is not None:
         distributed.print0(f'Loading network weights from "{resume_pkl}"...')
-        if transfer is None:
-            transfer = checkpoints.load_transfer(resume_pkl, net, verbose=distributed.is_main())
-        misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=transfer['ema'], dst_module=ema, require_all=False)
+        run.transfer(transfer)
         del transfer
-    time_offset_sec = 0.0                   # training time of the runs this one resumes
     if resume is not None:
         distributed.print0(f'Loading training state from "{resume_state}"...')
-        checkpoints.restore_training_state(resume, resume_state, net, ema, optimizer, loss_fn, augment_pipe)
-        counters.cur_tick = resume['cur_tick']
-        counters.tick_start_nimg = resume['tick_start_nimg']
-        time_offset_sec = resume['total_time_sec']
-        if power_ema is not None:
-            checkpoints.restore_power_ema(resume, resume_state, power_ema)
+        run.restore(resume, resume_state)
+        del resume
 
-    ddp = net
-    if world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-                                                        broadcast_buffers=False)
+    ddp = net if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
     if compile:
         net.model.compile()
     autocast_dtype = PRECISIONS[precision].train_autocast
     autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
-    ema_update = _EMAUpdate(net, ema)
-    guard = divergence.NonFiniteGuard(net.parameters(), optimizer, nan_policy)
-    stop = _StopRequest()
-
-    if resume is not None:
-        if resume['world_size'] == world_size:
-            checkpoints.set_rng_state(resume['rng_states'][rank], device)
-        else:
-            distributed.print0(f'Note: the state was written by {resume["world_size"]} processes; '
-                               f'random generators start afresh')
-        del resume
-
-    def save_state():
-        divergence.check_finite('the network to save', net, ema, *(power_ema.emas if power_ema else []))
-        rng_states = _gather_objects(checkpoints.rng_state(device))
-        digests = _gather_objects(_param_digest(net))
-        if any(digest != digests[0] for digest in digests):
-            distributed.print0(f'Warning: the processes hold different parameters: {digests}')
-        if distributed.is_main():
-            checkpoints.save_training_state(
-                os.path.join(run_dir, checkpoints.state_name(counters.cur_nimg, kimg_per_tick)), net, ema, optimizer, loss_fn,
-                augment_pipe, dataclasses.asdict(counters), time_offset_sec + time.time() - start_time, rng_states,
-                world_size, digests, options, power_ema=power_ema)
-
-    metrics = None
-    if metric_kwargs is not None:
-        metrics = snapshot_metrics.SnapshotMetrics(run_dir=run_dir, device=device, resume_state=resume_state,
-                                                   resume_nimg=counters.cur_nimg if resume_state else 0, **metric_kwargs)
-    stats_jsonl = None
-    if run_dir is not None and distributed.is_main():
-        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-    tb_writer = None
-    if tensorboard and run_dir is not None and distributed.is_main():
-        from torch.utils.tensorboard import SummaryWriter  # optional package: launch checks it at start-up
-        tb_writer = SummaryWriter(run_dir)
+    guard = divergence.NonFiniteGuard(net.parameters(), run.optimizer, nan_policy)
+    metrics = None if metric_kwargs is None else snapshot_metrics.SnapshotMetrics(
+        run_dir=run_dir, device=device, resume_state=resume_state, resume_nimg=counters.cur_nimg if resume_state else 0,
+        **metric_kwargs)
+    log = _TickLog(run_dir, tensorboard)
     total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
     distributed.print0(f'Training for {total_kimg:g} kimg from {counters.cur_nimg / 1000:g} kimg...')
     distributed.print0()
-    tick_timer = _TickTimer(start_time, time_offset_sec)
-    bar_stream = sys.__stdout__ if distributed.is_main() else None  # the real terminal, not the tee into log.txt
-    bar = tick_progress_bar(bar_stream, _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg), counters.cur_tick)
-    summary = dnnlib.EasyDict(cur_nimg=counters.cur_nimg, cur_step=counters.cur_step, stopped=False)
-    phase = 'step'                              # 'step', 'update' (parameters half-updated), 'snapshot', 'metrics' or 'state'
-    dataset_iterator = iter(loader)             # starts the workers: from here on, every exit ends them
-    stop.install()
-    try:
+    tick_timer = _TickTimer(start_time, run.time_offset_sec)
+    progress = _TickBar(counters, batch_size, nimg_per_tick, total_nimg)
+    data = iter(loader)                         # starts the workers: RunControl ends them on every way out
+    with log, progress, run_control.RunControl(run_dir, data, run.save_state, lambda: guard.verdict(batch_size),
+                                               where=lambda: (counters.cur_nimg, counters.cur_step),
+                                               newest_state=run.newest_state) as control:
         while True:
             # One optimizer step over `num_rounds` accumulated passes.
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             for round_idx in range(num_rounds):
                 with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
-                    images, labels = next(dataset_iterator)
+                    images, labels = next(data)
                     images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
                     labels = labels.to(device, non_blocking=True)
                     torch.manual_seed(_pass_seed(seed, counters.cur_step, rank * num_rounds + round_idx))
                     with torch.autocast(**autocast):
-                        loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                        loss = run.loss_fn(net=ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
                     training_stats.report('Loss/loss', loss)
-                    loss.sum().mul(loss_scaling / batch_per_process).backward()
-            lr = optimizer_kwargs['lr'] * min(counters.cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            phase = 'update'
-            guard.step(counters.cur_step)
-            loss_fn.advance()
-            ema_update(counters.cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
-
-            counters.cur_nimg += batch_size
-            counters.cur_step += 1
-            _advance_bar(bar, batch_size, counters, total_nimg, tick_timer.tick_start_time)
-            if power_ema is not None:
-                power_ema.update(counters.cur_step)
-            phase = 'step'
+                    loss.sum().mul(loss_scaling / (batch_size // world_size)).backward()
+            for group in run.optimizer.param_groups:
+                group['lr'] = optimizer_kwargs['lr'] * min(counters.cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+            with control.updating():
+                guard.step(counters.cur_step)
+                run.loss_fn.advance()
+                counters.cur_nimg += batch_size
+                counters.cur_step += 1
+                run.ema.update(counters.cur_nimg, counters.cur_step, batch_size)
+            progress.advance(tick_timer.tick_start_time)
             finished = counters.cur_nimg >= total_nimg
-            stopping = stop.agreed()
+            stopping = control.stop.agreed()
             if not (finished or stopping or counters.cur_tick == 0
                     or counters.cur_nimg >= counters.tick_start_nimg + nimg_per_tick):
                 continue
 
-            bar.close()
+            progress.close()
             skipped_steps = guard.verdict(batch_size)  # before anything of this tick is written
             summary = _report_tick(tick_timer, counters, total_nimg, device, stopping, skipped_steps)
-            # Counters move first, so that a state written now resumes at the next tick.
-            ended_tick = counters.cur_tick
-            counters.cur_tick += 1
-            counters.tick_start_nimg = counters.cur_nimg
-            if run_dir is not None:
-                if finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0):
-                    phase = 'snapshot'
-                    divergence.check_finite('the EMA network to save', ema, *(power_ema.emas if power_ema else []))
-                    snapshot_nets = _save_snapshots(run_dir, counters.cur_nimg, kimg_per_tick, ema, power_ema, loss_fn,
-                                                    augment_pipe, dataset_kwargs, world_size)
-                    if metrics is not None:
-                        phase = 'metrics'
+            ended_tick = counters.next_tick()  # first, so that a state written now resumes at the next tick
+            if run_dir is not None and (finished or (snapshot_ticks is not None and ended_tick % snapshot_ticks == 0)):
+                with control.writing('writing a network snapshot'):
+                    snapshot_nets = run.save_snapshots(dataset_kwargs)
+                if metrics is not None:
+                    with control.writing('measuring the snapshot'):
                         metrics.evaluate(counters.cur_nimg, snapshot_nets)
-                    phase = 'step'
-                if finished or stopping or (state_dump_ticks is not None and ended_tick % state_dump_ticks == 0
-                                            and ended_tick != 0):
-                    phase = 'state'
-                    save_state()
-                    phase = 'step'
-            if stats_jsonl is not None:
-                stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-                stats_jsonl.flush()
-            if tb_writer is not None:
-                for name, value in training_stats.default_collector.as_dict().items():
-                    tb_writer.add_scalar(name, value.mean, global_step=counters.cur_nimg)
-                tb_writer.flush()
+            if run_dir is not None and (finished or stopping or (state_dump_ticks is not None and ended_tick != 0
+                                                                 and ended_tick % state_dump_ticks == 0)):
+                with control.writing('writing a training state', state=True):
+                    run.save_state()
+            log.write(counters.cur_nimg)
             tick_timer.start_tick()
             if finished or stopping:
                 break
-            bar = tick_progress_bar(bar_stream, _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg), counters.cur_tick)
-    except Exception as err:
-        _stop_workers(dataset_iterator)  # first: a worker's pending error must not outlive the run
-        doing = {'snapshot': ' while writing a network snapshot', 'metrics': ' while measuring the snapshot',
-                 'state': ' while writing a training state'}.get(phase, '')
-        saved = ''
-        if not isinstance(err, divergence.DivergenceError):
-            try:
-                guard.verdict(batch_size)
-            except divergence.DivergenceError as diverged:
-                err = diverged  # the diverged weights must not be saved whatever failed afterwards
-        if isinstance(err, divergence.DivergenceError):
-            doing = ''
-            saved = f'; nothing of it was saved{_newest_state_note(run_dir)}'
-        elif phase in ('step', 'snapshot', 'metrics') and run_dir is not None and world_size == 1:  # other ranks would wait in gathers
-            try:
-                save_state()
-                saved = f'; training state saved, resume with --resume={run_dir}'
-            except Exception as save_err:
-                saved = f'; no training state saved ({_one_line(save_err)})'
-        elif phase == 'state':
-            saved = '; earlier training states are intact'
-        elif world_size > 1:
-            saved = (f'; no training state saved (a run of {world_size} processes saves one only when all stop '
-                     f'together){_newest_state_note(run_dir)}')
-        raise TrainingError(f'training failed at {counters.cur_nimg / 1000:g} kimg (step {counters.cur_step}){doing}: '
-                            f'{_one_line(err)}{saved}') from err
-    finally:
-        bar.close()
-        stop.uninstall()
-        _stop_workers(dataset_iterator)
-        if stats_jsonl is not None:
-            stats_jsonl.close()
-        if tb_writer is not None:
-            tb_writer.close()
+            progress.start()
 
-    if stopping and not finished:
-        distributed.print0('Stopped on request; resume with --resume=' + (run_dir or '<run dir>'))
-    else:
-        distributed.print0('Exiting...')
+    distributed.print0('Stopped on request; resume with --resume=' + (run_dir or '<run dir>')
+                       if stopping and not finished else 'Exiting...')
     return summary
 
 
@@ -487,49 +316,138 @@ def _print_network_summary(net, batch_gpu, device):
         misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
 
 
-class _EMAUpdate:
-    """Moves the EMA network towards the trained one after each step; floating-point buffers are copied."""
+class _Run:
+    """The objects of a run that training states and snapshots hold, and their reading and writing."""
 
-    def __init__(self, net, ema):
-        self.net_params = list(net.parameters())
-        self.ema_params = list(ema.parameters())
-        self.net_buffers = [b for b in net.buffers() if b.is_floating_point()]
-        self.ema_buffers = [b for b in ema.buffers() if b.is_floating_point()]
+    def __init__(self, run_dir, options, counters, net, ema, loss_fn, optimizer, augment_pipe, device, kimg_per_tick,
+                 start_time):
+        self.run_dir, self.options, self.counters = run_dir, options, counters
+        self.net, self.ema, self.loss_fn, self.optimizer, self.augment_pipe = net, ema, loss_fn, optimizer, augment_pipe
+        self.device, self.kimg_per_tick, self.start_time = device, kimg_per_tick, start_time
+        self.time_offset_sec = 0.0      # training time of the runs this one resumes
 
-    def __call__(self, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio):
-        ema_halflife_nimg = ema_halflife_kimg * 1000
-        if ema_rampup_ratio is not None:
-            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-        ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.net_params, 1 - ema_beta)
-            if self.net_buffers:
-                torch._foreach_copy_(self.ema_buffers, self.net_buffers)
+    def transfer(self, snapshot):
+        """Start from the weights of a snapshot's EMA network (--transfer)."""
+        misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.net, require_all=False)
+        misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.ema.ema, require_all=False)
+
+    def restore(self, state, path):
+        """Continue from a training state (read from `path`); random states only when the process count is the same."""
+        checkpoints.restore_training_state(state, path, self.net, self.ema.ema, self.optimizer, self.loss_fn,
+                                           self.augment_pipe)
+        if self.ema.power is not None:
+            checkpoints.restore_power_ema(state, path, self.ema.power)
+        self.time_offset_sec = state['total_time_sec']
+        if state['world_size'] == distributed.get_world_size():
+            checkpoints.set_rng_state(state['rng_states'][distributed.get_rank()], self.device)
+
+    def save_state(self):
+        """Write a training state of the run as it stands (collective: every process calls it)."""
+        divergence.check_finite('the network to save', self.net, *self.ema.networks())
+        rng_states = _gather_objects(checkpoints.rng_state(self.device))
+        digests = _gather_objects(_param_digest(self.net))
+        if any(digest != digests[0] for digest in digests):
+            distributed.print0(f'Warning: the processes hold different parameters: {digests}')
+        if distributed.is_main():
+            checkpoints.save_training_state(
+                os.path.join(self.run_dir, checkpoints.state_name(self.counters.cur_nimg, self.kimg_per_tick)), self.net,
+                self.ema.ema, self.optimizer, self.loss_fn, self.augment_pipe, dataclasses.asdict(self.counters),
+                self.time_offset_sec + time.time() - self.start_time, rng_states, len(rng_states), digests, self.options,
+                power_ema=self.ema.power)
+
+    def save_snapshots(self, dataset_kwargs):
+        """Write the EMA snapshot and one pickle per power-EMA profile; returns {name: network} to measure."""
+        divergence.check_finite('the EMA network to save', *self.ema.networks())
+        cur_nimg = self.counters.cur_nimg
+        self._save_snapshot(checkpoints.snapshot_name(cur_nimg, self.kimg_per_tick), self.ema.ema, dataset_kwargs)
+        networks = {'ema': self.ema.ema}
+        if self.ema.power is not None:
+            for record, profile in zip(self.ema.power.records(cur_nimg), self.ema.power.emas):
+                self._save_snapshot(checkpoints.power_ema_name(cur_nimg, record['std'], self.kimg_per_tick), profile,
+                                    dataset_kwargs, power_ema=record)
+                networks[power_ema_lib.profile_network_name(record['std'])] = profile
+        return networks
+
+    def _save_snapshot(self, name, ema, dataset_kwargs, **extra):
+        data = dict(ema=ema, loss_fn=self.loss_fn, augment_pipe=self.augment_pipe, dataset_kwargs=dict(dataset_kwargs), **extra)
+        for key, value in data.items():
+            if isinstance(value, torch.nn.Module):
+                value = copy.deepcopy(value).eval().requires_grad_(False)
+                if distributed.get_world_size() > 1:
+                    misc.check_ddp_consistency(value)
+                data[key] = value.cpu()
+        if distributed.is_main():
+            checkpoints.save_network_pickle(os.path.join(self.run_dir, name), data)
+
+    def newest_state(self):
+        """The training state a resume of run_dir picks, or None."""
+        try:
+            return checkpoints.resolve_resume_path(self.run_dir) if self.run_dir else None
+        except checkpoints.TrainingStateError:
+            return None
 
 
-def _save_snapshots(run_dir, cur_nimg, kimg_per_tick, ema, power_ema, loss_fn, augment_pipe, dataset_kwargs, world_size):
-    """Write the EMA snapshot and one pickle per power-EMA profile; returns {name: network} as evaluated at snapshots."""
-    _save_snapshot(os.path.join(run_dir, checkpoints.snapshot_name(cur_nimg, kimg_per_tick)), ema, loss_fn, augment_pipe,
-                   dataset_kwargs, world_size)
-    networks = {'ema': ema}
-    if power_ema is not None:
-        for record, profile in zip(power_ema.records(cur_nimg), power_ema.emas):
-            _save_snapshot(os.path.join(run_dir, checkpoints.power_ema_name(cur_nimg, record['std'], kimg_per_tick)),
-                           profile, loss_fn, augment_pipe, dataset_kwargs, world_size, power_ema=record)
-            networks[power_ema_lib.profile_network_name(record['std'])] = profile
-    return networks
+class _TickLog:
+    """Each tick's statistics appended to stats.jsonl (and TensorBoard events) by rank 0."""
+
+    def __init__(self, run_dir, tensorboard):
+        self.stats_jsonl = self.tb_writer = None
+        if run_dir is not None and distributed.is_main():
+            self.stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # optional package: launch checks it at start-up
+                self.tb_writer = SummaryWriter(run_dir)
+
+    def write(self, cur_nimg):
+        stats = training_stats.default_collector.as_dict()
+        if self.stats_jsonl is not None:
+            self.stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
+            self.stats_jsonl.flush()
+        if self.tb_writer is not None:
+            for name, value in stats.items():
+                self.tb_writer.add_scalar(name, value.mean, global_step=cur_nimg)
+            self.tb_writer.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for writer in (self.stats_jsonl, self.tb_writer):
+            if writer is not None:
+                writer.close()
 
 
-def _save_snapshot(path, ema, loss_fn, augment_pipe, dataset_kwargs, world_size, **extra):
-    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs), **extra)
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            value = copy.deepcopy(value).eval().requires_grad_(False)
-            if world_size > 1:
-                misc.check_ddp_consistency(value)
-            data[key] = value.cpu()
-    if distributed.is_main():
-        checkpoints.save_network_pickle(path, data)
+class _TickBar:
+    """The progress bar of the current tick on the terminal (rank 0), with the run's ETA at this tick's pace."""
+
+    def __init__(self, counters, batch_size, nimg_per_tick, total_nimg):
+        self.counters, self.batch_size, self.nimg_per_tick, self.total_nimg = counters, batch_size, nimg_per_tick, total_nimg
+        self.stream = sys.__stdout__ if distributed.is_main() else None  # the real terminal, not the tee into log.txt
+        self.start()
+
+    def start(self):
+        """A bar for the tick that starts now: tick 0 ends after one step, the last one at the run's end."""
+        counters = self.counters
+        tick_nimg = self.batch_size if counters.cur_tick == 0 else max(min(self.nimg_per_tick, self.total_nimg - counters.cur_nimg), 1)
+        self.bar = tick_progress_bar(self.stream, tick_nimg, counters.cur_tick)
+
+    def advance(self, tick_start_time):
+        if self.bar.disable:
+            return
+        done = max(self.counters.cur_nimg - self.counters.tick_start_nimg, 1)
+        sec_per_img = (time.time() - tick_start_time) / done
+        eta = dnnlib.util.format_time(max(self.total_nimg - self.counters.cur_nimg, 0) * sec_per_img)
+        self.bar.set_postfix_str(f'eta {eta}', refresh=False)
+        self.bar.update(self.batch_size)
+
+    def close(self):
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class _TickTimer:
@@ -560,30 +478,6 @@ def tick_progress_bar(stream, tick_nimg, tick):
     enabled = stream is not None and hasattr(stream, 'isatty') and stream.isatty()
     return tqdm.tqdm(total=tick_nimg, desc=f'tick {tick}', file=stream, unit='img', unit_scale=True, leave=False,
                      dynamic_ncols=True, disable=not enabled)
-
-
-def _tick_nimg(counters, batch_size, nimg_per_tick, total_nimg):
-    """Images of the tick that starts now: tick 0 ends after one step, the last one at the run's end."""
-    if counters.cur_tick == 0:
-        return batch_size
-    return max(min(nimg_per_tick, total_nimg - counters.cur_nimg), 1)
-
-
-def _advance_bar(bar, batch_size, counters, total_nimg, tick_start_time):
-    """Count one step on the bar, with the run's ETA at this tick's pace as postfix."""
-    if bar.disable:
-        return
-    sec_per_img = (time.time() - tick_start_time) / max(counters.cur_nimg - counters.tick_start_nimg, 1)
-    bar.set_postfix_str(f'eta {dnnlib.util.format_time(max(total_nimg - counters.cur_nimg, 0) * sec_per_img)}', refresh=False)
-    bar.update(batch_size)
-
-
-def _newest_state_note(run_dir):
-    """'; the newest training state is PATH' (the one a resume of `run_dir` picks), or '' when there is none."""
-    try:
-        return f'; the newest training state is {checkpoints.resolve_resume_path(run_dir)}' if run_dir else ''
-    except checkpoints.TrainingStateError:
-        return '; no training state was written before'
 
 
 def _report_tick(timer, counters, total_nimg, device, stopping, skipped_steps):
