@@ -8,19 +8,15 @@ in a fresh run directory and hands it to `training.training_loop.training_loop`.
 
 import click
 
-from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
-
-# Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-cpu_runtime.prepare_process()
-
-import dnnlib  # noqa: E402
-from torch_utils import distributed  # noqa: E402
-from training import cli  # noqa: E402
-from training import divergence  # noqa: E402
-from training import launch  # noqa: E402
-from training import networks  # noqa: E402
-from training import recipes  # noqa: E402
-from training.precision import TRAINING_PRECISIONS  # noqa: E402
+import torch_utils.before_torch  # noqa: F401  (first: settings that torch's libraries read when they load)
+import dnnlib
+from torch_utils import distributed
+from training import cli
+from training import divergence
+from training import launch
+from training import networks
+from training import recipes
+from training.precision import TRAINING_PRECISIONS
 
 
 @click.command()

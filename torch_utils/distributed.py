@@ -9,6 +9,7 @@ import datetime
 import os
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -160,3 +161,24 @@ def all_reduce_sum_(tensor):
     dist.all_reduce(moved, op=dist.ReduceOp.SUM)
     tensor.copy_(moved)
     return tensor
+
+
+def rank0_first(fn):
+    """Run `fn` on rank 0 first (it fills download caches), then on the others; rank 0 releases them even on failure."""
+    if not is_main():
+        barrier()
+    try:
+        return fn()
+    finally:
+        if is_main():
+            barrier()
+
+
+def split_seeds(seeds, max_batch_size, rank, world_size):
+    """This rank's batches: the seeds split into a multiple of world_size near-equal batches, dealt round-robin.
+
+    Returns (this rank's batches, all batches); with fewer seeds than ranks some batches are empty.
+    """
+    num_batches = (max(len(seeds) - 1, 0) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = np.array_split(np.array(seeds, dtype=np.int64), num_batches)
+    return all_batches[rank::world_size], all_batches

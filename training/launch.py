@@ -115,7 +115,7 @@ def build_config(opts, world_size):
     try:
         batch_gpu, _ = training_loop.batch_rounds(opts.batch, opts.batch_gpu, world_size)
     except training_loop.BatchSizeError as err:
-        raise click.BadParameter(str(err), param_hint=err.option) from None
+        raise click.BadParameter(str(err), param_hint={'batch_size': '--batch', 'batch_gpu': '--batch-gpu'}[err.argument]) from None
 
     c.update(
         ema_profiles        = _ema_profiles(opts.ema_profiles),
@@ -352,7 +352,8 @@ def run(opts):
             run_dir = err
     run_dir = _broadcast_from_rank0(run_dir)
     if isinstance(run_dir, run_dirs.RunDirError):
-        raise click.ClickException(str(run_dir))
+        instead = 'use another --outdir' if run_dir.in_use else f'continue it with --resume={run_dir.run_dir} or choose another --outdir'
+        raise click.ClickException(f'{run_dir}; {instead}')
     if isinstance(run_dir, OSError):
         raise click.ClickException(f'--outdir={opts.outdir}: {run_dir}')
     c.run_dir = run_dir
@@ -365,13 +366,18 @@ def run(opts):
             logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
-        training_loop.training_loop(**c, resume=resume, transfer=transfer)
-    except (checkpoints.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
+        summary = training_loop.training_loop(**c, resume=resume, transfer=transfer)
+        if summary.stopped:
+            distributed.print0(f'Resume with --resume={run_dir}')
+    except checkpoints.TrainingStateError as err:
         raise click.ClickException(str(err))
+    except snapshot_metrics.MetricSetupError as err:
+        raise click.ClickException(f'--metric_ref/--metric_detector: {err}')
     except training_loop.TrainingError as err:
         if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report
             logger.file.write(''.join(traceback.format_exception(err.__cause__ or err)))
-        raise click.ClickException(str(err))
+        resume_hint = f', resume with --resume={err.saved_in}' if err.saved_in else ''
+        raise click.ClickException(f'{err}{resume_hint}')
     finally:
         if logger is not None:
             logger.close()

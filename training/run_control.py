@@ -21,7 +21,13 @@ WORKER_EXIT_SEC = 5                     # How long DataLoader workers get to end
 
 
 class TrainingError(RuntimeError):
-    """The run failed; the one-line message says where and what, and whether a training state was written."""
+    """The run failed; the one-line message says where and what, and whether a training state was written.
+
+    `saved_in` is the run directory when a state was saved on the way out (the run can be resumed from it)."""
+
+    def __init__(self, message, saved_in=None):
+        super().__init__(message)
+        self.saved_in = saved_in
 
 
 class StopRequest:
@@ -137,11 +143,13 @@ class RunControl:
         stop_workers(self.data_iterator)  # first: a worker's pending error must not outlive the run
         if err is None or not isinstance(err, Exception):
             return False
-        raise TrainingError(self._message(err)) from err
+        message, saved_in = self._message(err)
+        raise TrainingError(message, saved_in) from err
 
     def _message(self, err):
+        """(the one-line message, the run directory when a state was saved now)."""
         cur_nimg, cur_step = self.where()
-        doing, saved = self.doing, ''
+        doing, saved, saved_in = self.doing, '', None
         if not isinstance(err, divergence.DivergenceError):
             try:
                 self.check_divergence()
@@ -158,11 +166,10 @@ class RunControl:
         elif self.step_whole and self.run_dir is not None:
             try:
                 self.save_state()
-                saved = f'; training state saved, resume with --resume={self.run_dir}'
+                saved, saved_in = '; training state saved', self.run_dir
             except Exception as save_err:
                 saved = f'; no training state saved ({one_line(save_err)})'
-        return (f'training failed at {cur_nimg / 1000:g} kimg (step {cur_step}){doing}: '
-                f'{one_line(err)}{saved}')
+        return f'training failed at {cur_nimg / 1000:g} kimg (step {cur_step}){doing}: {one_line(err)}{saved}', saved_in
 
     def _newest_note(self):
         newest = self.newest_state()

@@ -38,22 +38,22 @@ EMA_RAMPUP_RATIO = 0.05                 # EMA half-life is at most this fraction
 
 
 class BatchSizeError(ValueError):
-    """Batch sizes that do not split over the processes and passes; `option` names the one at fault."""
+    """Batch sizes that do not split over the processes and passes; `argument` names the one at fault."""
 
-    def __init__(self, option, message):
+    def __init__(self, argument, message):
         super().__init__(message)
-        self.option = option
+        self.argument = argument        # 'batch_size' or 'batch_gpu'
 
 
 def batch_rounds(batch_size, batch_gpu, world_size):
     """(images per pass per process, passes per optimizer step) for `batch_size` images per step over all processes."""
     if batch_size % world_size != 0:
-        raise BatchSizeError('--batch', f'{batch_size} is not divisible by the number of processes ({world_size})')
+        raise BatchSizeError('batch_size', f'{batch_size} is not divisible by the number of processes ({world_size})')
     batch_per_process = batch_size // world_size
     batch_gpu = min(batch_gpu or batch_per_process, batch_per_process)
     if batch_per_process % batch_gpu != 0:
-        raise BatchSizeError('--batch-gpu', f'{batch_gpu} does not divide the per-process batch {batch_per_process} '
-                                            f'(--batch={batch_size} over {world_size} processes)')
+        raise BatchSizeError('batch_gpu', f'{batch_gpu} does not divide the per-process batch {batch_per_process} '
+                                          f'(a batch of {batch_size} over {world_size} processes)')
     return batch_gpu, batch_per_process // batch_gpu
 
 
@@ -72,6 +72,10 @@ class Counters:
         if state is None:
             return cls()
         return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls)})
+
+    def count_step(self, batch_size):
+        self.cur_nimg += batch_size
+        self.cur_step += 1
 
     def next_tick(self):
         """Close the current tick and return its number."""
@@ -186,17 +190,9 @@ def training_loop(
 
     distributed.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
-    sampler = _GlobalOrderSampler(dataset, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                                  start_nimg=resume['sampler_nimg'] if resume else 0)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, generator=torch.Generator().manual_seed(seed),
-                                         worker_init_fn=run_control.ignore_stop_signals, **data_loader_kwargs)
-
+    loader = _data_loader(dataset, data_loader_kwargs, seed, batch_size, batch_gpu, resume['sampler_nimg'] if resume else 0)
     distributed.print0('Constructing network...')
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
-                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
-    net.train().requires_grad_(True).to(device)
-    if distributed.is_main():
-        _print_network_summary(net, batch_gpu, device)
+    net = _build_network(network_kwargs, dataset, device, batch_gpu)
 
     distributed.print0('Setting up optimizer...')
     run = _Run(run_dir=run_dir, options=options, counters=counters, net=net,
@@ -205,36 +201,21 @@ def training_loop(
                optimizer=dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs),
                augment_pipe=dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs else None,
                device=device, kimg_per_tick=kimg_per_tick, start_time=start_time)
-    if transfer is not None:
-        distributed.print0(f'Loading network weights from "{resume_pkl}"...')
-        run.transfer(transfer)
-        del transfer
-    if resume is not None:
-        distributed.print0(f'Loading training state from "{resume_state}"...')
-        run.restore(resume, resume_state)
-        del resume
-
-    ddp = net if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
-    if compile:
-        net.model.compile()
-    autocast_dtype = PRECISIONS[precision].train_autocast
-    autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    run.start_from(transfer, resume_pkl, resume, resume_state)
+    del transfer, resume
+    ddp, autocast = _for_training(net, device, compile, precision)
     guard = divergence.NonFiniteGuard(net.parameters(), run.optimizer, nan_policy)
     metrics = None if metric_kwargs is None else snapshot_metrics.SnapshotMetrics(
-        run_dir=run_dir, device=device, resume_state=resume_state, resume_nimg=counters.cur_nimg if resume_state else 0,
-        **metric_kwargs)
+        run_dir=run_dir, device=device, resume_state=resume_state, resume_nimg=counters.cur_nimg, **metric_kwargs)
     log = _TickLog(run_dir, tensorboard)
     total_nimg = round(total_kimg * 1000)       # whole images, so that 0.048 kimg means 48 images
     nimg_per_tick = max(round(kimg_per_tick * 1000), 1)
-    distributed.print0(f'Training for {total_kimg:g} kimg from {counters.cur_nimg / 1000:g} kimg...')
-    distributed.print0()
+    distributed.print0(f'Training for {total_kimg:g} kimg from {counters.cur_nimg / 1000:g} kimg...\n')
     tick_timer = _TickTimer(start_time, run.time_offset_sec)
     progress = _TickBar(counters, batch_size, nimg_per_tick, total_nimg)
     data = iter(loader)                         # starts the workers: RunControl ends them on every way out
     with log, progress, run_control.RunControl(run_dir, data, run.save_state, lambda: guard.verdict(batch_size),
-                                               where=lambda: (counters.cur_nimg, counters.cur_step),
-                                               newest_state=run.newest_state) as control:
+                                               lambda: (counters.cur_nimg, counters.cur_step), run.newest_state) as control:
         while True:
             # One optimizer step over `num_rounds` accumulated passes.
             run.optimizer.zero_grad(set_to_none=True)
@@ -253,8 +234,7 @@ def training_loop(
             with control.updating():
                 guard.step(counters.cur_step)
                 run.loss_fn.advance()
-                counters.cur_nimg += batch_size
-                counters.cur_step += 1
+                counters.count_step(batch_size)
                 run.ema.update(counters.cur_nimg, counters.cur_step, batch_size)
             progress.advance(tick_timer.tick_start_time)
             finished = counters.cur_nimg >= total_nimg
@@ -262,7 +242,6 @@ def training_loop(
             if not (finished or stopping or counters.cur_tick == 0
                     or counters.cur_nimg >= counters.tick_start_nimg + nimg_per_tick):
                 continue
-
             progress.close()
             skipped_steps = guard.verdict(batch_size)  # before anything of this tick is written
             summary = _report_tick(tick_timer, counters, total_nimg, device, stopping, skipped_steps)
@@ -283,8 +262,8 @@ def training_loop(
                 break
             progress.start()
 
-    distributed.print0('Stopped on request; resume with --resume=' + (run_dir or '<run dir>')
-                       if stopping and not finished else 'Exiting...')
+    summary.stopped = stopping and not finished
+    distributed.print0('Stopped on request.' if summary.stopped else 'Exiting...')
     return summary
 
 
@@ -308,6 +287,33 @@ def _seed_and_configure_torch(seed, rank, world_size, cudnn_benchmark, allow_tf3
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
 
+def _data_loader(dataset, data_loader_kwargs, seed, batch_size, batch_gpu, start_nimg):
+    """This process's batches of the global data order, from image `start_nimg` of it on."""
+    sampler = _GlobalOrderSampler(dataset, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
+                                  batch_size=batch_size, seed=seed, start_nimg=start_nimg)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, generator=torch.Generator().manual_seed(seed),
+                                       worker_init_fn=run_control.ignore_stop_signals, **data_loader_kwargs)
+
+
+def _build_network(network_kwargs, dataset, device, batch_gpu):
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, img_resolution=dataset.resolution,
+                                              img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net.train().requires_grad_(True).to(device)
+    if distributed.is_main():
+        _print_network_summary(net, batch_gpu, device)
+    return net
+
+
+def _for_training(net, device, compile, precision):
+    """(the module to call: DDP over `net` with several processes, the autocast options of `precision`)."""
+    ddp = net if distributed.get_world_size() == 1 else torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
+    if compile:
+        net.model.compile()
+    autocast_dtype = PRECISIONS[precision].train_autocast
+    return ddp, dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+
+
 def _print_network_summary(net, batch_gpu, device):
     with torch.no_grad():
         images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -326,12 +332,17 @@ class _Run:
         self.device, self.kimg_per_tick, self.start_time = device, kimg_per_tick, start_time
         self.time_offset_sec = 0.0      # training time of the runs this one resumes
 
-    def transfer(self, snapshot):
-        """Start from the weights of a snapshot's EMA network (--transfer)."""
-        misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.net, require_all=False)
-        misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.ema.ema, require_all=False)
+    def start_from(self, snapshot, snapshot_path, state, state_path):
+        """Take the weights of a snapshot's EMA network (--transfer) and/or continue a training state (--resume)."""
+        if snapshot is not None:
+            distributed.print0(f'Loading network weights from "{snapshot_path}"...')
+            misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.net, require_all=False)
+            misc.copy_params_and_buffers(src_module=snapshot['ema'], dst_module=self.ema.ema, require_all=False)
+        if state is not None:
+            distributed.print0(f'Loading training state from "{state_path}"...')
+            self._restore(state, state_path)
 
-    def restore(self, state, path):
+    def _restore(self, state, path):
         """Continue from a training state (read from `path`); random states only when the process count is the same."""
         checkpoints.restore_training_state(state, path, self.net, self.ema.ema, self.optimizer, self.loss_fn,
                                            self.augment_pipe)
