@@ -7,6 +7,7 @@ in a fresh run directory and hands it to `training.training_loop.training_loop`.
 """
 
 import click
+from click.core import ParameterSource
 
 import torch_utils.before_torch  # noqa: F401  (first: settings that torch's libraries read when they load)
 import dnnlib
@@ -19,12 +20,17 @@ from training import recipes
 from training.precision import TRAINING_PRECISIONS
 
 
+_FDM_MULTIPLIER_DEFAULTS = ', '.join(f'{recipes.fdm_multiplier_default(precond):g} for {precond}'
+                                    for precond in sorted(recipes.RECIPES) if recipes.fdm_multiplier_default(precond))
+
+
 @click.command()
 # Main options.
 @click.option('--outdir',       help='Where to save the results', metavar='DIR',                     type=str, required=True)
 @click.option('--data',         help='Path to the dataset (ZIP or folder)', metavar='ZIP|DIR',       type=str, required=True)
 @click.option('--cond',         help='Train class-conditional model', metavar='BOOL',                type=bool, default=launch.DEFAULTS['cond'], show_default=True)
 @click.option('--arch',         help='Network architecture',                                         type=click.Choice(sorted(networks.ARCH_PRESETS)), default=launch.DEFAULTS['arch'], show_default=True)
+@click.option('--preset',       help='A published recipe: its options (those given here override them)', type=click.Choice(list(recipes.PRESETS)))
 @click.option('--precond',      help='Preconditioning & loss function',                              type=click.Choice(sorted(recipes.RECIPES)), default=launch.DEFAULTS['precond'], show_default=True)
 # Hyperparameters.
 @click.option('--duration',     help='Training duration', metavar='MIMG',                            type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['duration'], show_default=True)
@@ -44,7 +50,7 @@ from training.precision import TRAINING_PRECISIONS
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                       type=bool, default=launch.DEFAULTS['xflip'], show_default=True)
 @click.option('--warmup_ite',   help='FDM loss-weight warm-up length (optimizer steps)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier',
-                                help='FDM multiplier m  [default: 2 for fdm_edm/fdm_vp, 1 for fdm_ve]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+                                help=f'FDM multiplier m  [default: {_FDM_MULTIPLIER_DEFAULTS}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 # Performance-related.
 @click.option('--fp16',         help='Run the network in float16 on CUDA', metavar='BOOL',           type=bool, default=launch.DEFAULTS['fp16'], show_default=True)
 @click.option('--precision',    help='Arithmetic: fp16 = --fp16, bf16 = bfloat16 autocast  [default: fp32]', type=click.Choice(TRAINING_PRECISIONS))
@@ -82,6 +88,10 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200
     """
+    if kwargs['preset'] is not None:
+        ctx = click.get_current_context()
+        given = {name for name in kwargs if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+        kwargs = recipes.with_preset(kwargs, kwargs['preset'], given)
     opts = dnnlib.EasyDict(kwargs)
     try:
         device = distributed.init(None if opts.device == 'auto' else opts.device)

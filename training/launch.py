@@ -35,7 +35,7 @@ DEFAULTS = dict(
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
     dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
-    metric_profiles=False, tensorboard=False, nan_policy='stop',
+    metric_profiles=False, tensorboard=False, nan_policy='stop', preset=None,
 )
 
 
@@ -58,7 +58,8 @@ def _open_dataset(dataset_kwargs):
 
 def build_config(opts, world_size):
     """The whole truth of a run as one plain dict; raises click errors for inconsistent options."""
-    if recipes.RECIPES[opts.precond].fdm_multiplier is None:
+    fdm_multiplier_default = recipes.fdm_multiplier_default(opts.precond)
+    if fdm_multiplier_default is None:
         for name, value in (('--warmup_ite', opts.warmup_ite), ('--fdm_multiplier', opts.fdm_multiplier)):
             if value is not None:
                 raise click.UsageError(f'{name} applies only to the FDM preconditioners (fdm_edm, fdm_vp, '
@@ -101,9 +102,8 @@ def build_config(opts, world_size):
     if opts.label_dropout:
         c.network_kwargs.label_dropout = opts.label_dropout  # also recorded in the snapshot; sampling checks it for --guidance
     c.loss_kwargs = dnnlib.EasyDict(class_name=recipe.loss)
-    if recipe.fdm_multiplier is not None:
-        multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else recipe.fdm_multiplier
-        c.network_kwargs.fdm_multiplier = multiplier
+    if fdm_multiplier_default is not None:
+        c.network_kwargs.fdm_multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else fdm_multiplier_default
         c.loss_kwargs.warmup_ite = opts.warmup_ite
     c.augment_kwargs = None
     if opts.augment > 0:
