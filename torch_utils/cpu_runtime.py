@@ -20,12 +20,12 @@ openmp_wait_policy = 'not chosen'   # What choose_openmp_wait_policy() decided, 
 _NO_WORK_ARGS = ('--help', '--dry-run', '-n')
 
 
-def prepare_process(argv=()):
+def prepare_process(argv=None):
     """What every entry point does before `import torch` (torch_utils/before_torch.py): the OpenMP waiting policy
-    and the heap setting. The policy takes a measurement of the CPUs (about a second): skipped when `argv` (the
-    script's arguments) only asks for help or a dry run, or is empty (click then prints the usage)."""
+    and the heap setting. The policy takes a measurement of the CPUs (about a second): skipped when `argv` (a
+    script's arguments; None = always measure) asks for help or a dry run, or is empty (click prints the usage)."""
     global openmp_wait_policy
-    if not argv or any(arg in _NO_WORK_ARGS for arg in argv):
+    if argv is not None and (not argv or any(arg in _NO_WORK_ARGS for arg in argv)):
         openmp_wait_policy = 'not chosen (nothing to compute)'
     else:
         choose_openmp_wait_policy()
