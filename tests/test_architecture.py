@@ -96,7 +96,7 @@ def test_no_library_module_imports_the_command_line_module():
 
 
 # The training side's library modules: their messages speak of values; training/launch.py names the options.
-TRAINING_LIBRARY = ('training/training_loop.py', 'training/run_control.py', 'training/divergence.py', 'training/ema.py',
+TRAINING_LIBRARY = ('training/training_loop.py', 'training/run_control.py', 'training/divergence.py', 'training/ema.py', 'training/ticks.py',
                     'training/run_dir.py', 'training/snapshot_metrics.py')
 
 

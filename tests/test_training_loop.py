@@ -1,6 +1,5 @@
 """training/training_loop.py through train.py: outputs, exact resume, multi-process equivalence, interruption."""
 
-import io
 import json
 import os
 import pathlib
@@ -19,7 +18,6 @@ import train
 import conftest
 from test_train import write_dataset
 from training import checkpoints
-from training import training_loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8                                 # images per step, over all processes
@@ -256,26 +254,6 @@ def test_resume_with_another_dataset_or_network_is_refused_without_resume_force(
     errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
     assert result.exit_code != 0 and len(errors) == 1 and fragment in errors[0] and '--resume-force' in errors[0], result.output
     assert 'optimizer_kwargs.lr' not in errors[0]  # reported, not refused
-
-
-class _FakeStream(io.StringIO):
-    def __init__(self, tty):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self):
-        return self.tty
-
-
-def test_tick_progress_bar_draws_only_on_a_terminal():
-    tty, pipe = _FakeStream(tty=True), _FakeStream(tty=False)
-    for stream in (tty, pipe):
-        bar = training_loop.tick_progress_bar(stream, tick_nimg=16, tick=3)
-        bar.update(8)
-        bar.close()
-    assert 'tick 3' in tty.getvalue() and 'img' in tty.getvalue()
-    assert pipe.getvalue() == ''
-    assert training_loop.tick_progress_bar(None, tick_nimg=16, tick=0).disable
 
 
 def test_run_without_a_terminal_prints_and_logs_no_progress_bar(data, tmp_path, capfd):
