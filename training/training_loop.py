@@ -213,14 +213,14 @@ def training_loop(
                     labels = labels.to(device, non_blocking=True)
                     torch.manual_seed(_pass_seed(seed, counters.cur_step, rank * num_rounds + round_idx))
                     with torch.autocast(**autocast):
-                        loss = run.loss_fn(net=ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
+                        loss = run.loss_fn(net=ddp, images=images, labels=labels, augment_pipe=run.augment_pipe,
+                                           step=counters.cur_step)
                     training_stats.report('Loss/loss', loss)
                     loss.sum().mul(loss_scaling / (batch_size // world_size)).backward()
             for group in run.optimizer.param_groups:
                 group['lr'] = optimizer_kwargs['lr'] * min(counters.cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
             with control.updating():
                 guard.step(counters.cur_step)
-                run.loss_fn.advance()
                 counters.count_step(batch_size)
                 run.ema.update(counters.cur_nimg, counters.cur_step, batch_size)
             progress.advance(tick_timer.tick_start_time)
