@@ -9,21 +9,17 @@ import os
 
 import click
 
-from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
+import torch_utils.before_torch  # noqa: F401  (first: settings that torch's libraries read when they load)
+import torch
+import tqdm
 
-# Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-cpu_runtime.prepare_process()
-
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-import dnnlib.util  # noqa: E402
-from torch_utils import distributed as dist  # noqa: E402
-from training import cli  # noqa: E402
-from training import dataset  # noqa: E402
-from training import feature_metrics  # noqa: E402
-from training import metrics  # noqa: E402
-from training import sampling  # noqa: E402
+import dnnlib.util
+from torch_utils import distributed as dist
+from training import cli
+from training import dataset
+from training import feature_metrics
+from training import metrics
+from training import sampling
 
 
 def _rank_batches(num_items, max_batch_size):

@@ -10,20 +10,16 @@ import os
 
 import click
 
-from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
+import torch_utils.before_torch  # noqa: F401  (first: settings that torch's libraries read when they load)
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
 
-# Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-cpu_runtime.prepare_process()
-
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-
-import dnnlib  # noqa: E402
-from torch_utils import distributed  # noqa: E402
-from training import cli  # noqa: E402
-from training import sampling  # noqa: E402
+import dnnlib
+from torch_utils import distributed
+from training import cli
+from training import sampling
 
 
 def image_path(outdir, seed, subdirs):

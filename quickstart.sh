@@ -14,9 +14,9 @@ DATA=datasets/fashion-mnist-32x32-5k.zip
 mkdir -p "$OUT"
 
 echo "== Training EDM-FDM for $KIMG kimg on $DATA =="
-python train.py --outdir="$OUT/run" --nosubdir --data="$DATA" --cond=1 --arch=ddpmpp --cbase=16 --cres=1,2,2 \
-    --blocks=1 --attn=none --precond=fdm_edm --warmup_ite=200 --batch=16 --lr=2e-3 --lr_rampup=0.001 --dropout=0 \
-    --augment=0 --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=1 --dump=0 --workers=1 --seed=0
+# --preset=quickstart: a small EDM-FDM U-Net (training/recipes.py PRESETS), class-conditional, batch 16.
+python train.py --outdir="$OUT/run" --nosubdir --data="$DATA" --preset=quickstart \
+    --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=1 --dump=0 --workers=1 --seed=0
 snapshot=$(ls "$OUT"/run/network-snapshot-*.pkl | tail -n 1)
 
 # DPM-Solver++(2M), 12 evaluations: samples like Heun's with 18 steps (35 evaluations) at 40% of the CPU time.

@@ -7,20 +7,22 @@ in a fresh run directory and hands it to `training.training_loop.training_loop`.
 """
 
 import click
+from click.core import ParameterSource
 
-from torch_utils import cpu_runtime  # noqa: E402  (imports no torch)
+import torch_utils.before_torch  # noqa: F401  (first: settings that torch's libraries read when they load)
+import dnnlib
+from torch_utils import distributed
+from training import checkpoints
+from training import cli
+from training import divergence
+from training import launch
+from training import networks
+from training import recipes
+from training.precision import TRAINING_PRECISIONS
 
-# Before torch loads OpenMP: spinning idle threads are fastest on free cores, sleeping ones on busy cores.
-cpu_runtime.prepare_process()
 
-import dnnlib  # noqa: E402
-from torch_utils import distributed  # noqa: E402
-from training import checkpoints  # noqa: E402
-from training import cli  # noqa: E402
-from training import launch  # noqa: E402
-from training import networks  # noqa: E402
-from training import recipes  # noqa: E402
-from training.precision import TRAINING_PRECISIONS  # noqa: E402
+_FDM_MULTIPLIER_DEFAULTS = ', '.join(f'{recipes.fdm_multiplier_default(precond):g} for {precond}'
+                                    for precond in sorted(recipes.RECIPES) if recipes.fdm_multiplier_default(precond))
 
 
 @click.command()
@@ -29,6 +31,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--data',         help='Path to the dataset (ZIP or folder)', metavar='ZIP|DIR',       type=str, required=True)
 @click.option('--cond',         help='Train class-conditional model', metavar='BOOL',                type=bool, default=launch.DEFAULTS['cond'], show_default=True)
 @click.option('--arch',         help='Network architecture',                                         type=click.Choice(sorted(networks.ARCH_PRESETS)), default=launch.DEFAULTS['arch'], show_default=True)
+@click.option('--preset',       help='A published recipe: its options (those given here override them)', type=click.Choice(list(recipes.PRESETS)))
 @click.option('--precond',      help='Preconditioning & loss function',                              type=click.Choice(sorted(recipes.RECIPES)), default=launch.DEFAULTS['precond'], show_default=True)
 # Hyperparameters.
 @click.option('--duration',     help='Training duration', metavar='MIMG',                            type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['duration'], show_default=True)
@@ -48,7 +51,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                       type=bool, default=launch.DEFAULTS['xflip'], show_default=True)
 @click.option('--warmup_ite',   help='FDM loss-weight warm-up length (optimizer steps)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier',
-                                help='FDM multiplier m  [default: 2 for fdm_edm/fdm_vp, 1 for fdm_ve]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+                                help=f'FDM multiplier m  [default: {_FDM_MULTIPLIER_DEFAULTS}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 # Performance-related.
 @click.option('--fp16',         help='Run the network in float16 on CUDA', metavar='BOOL',           type=bool, default=launch.DEFAULTS['fp16'], show_default=True)
 @click.option('--precision',    help='Arithmetic: fp16 = --fp16, bf16 = bfloat16 autocast  [default: fp32]', type=click.Choice(TRAINING_PRECISIONS))
@@ -72,6 +75,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--metric_detector', help='FID detector, as fid.py --detector', metavar='nvidia|offline|PATH', type=str, default=launch.DEFAULTS['metric_detector'], show_default=True)
 @click.option('--metric_profiles', help='Also measure each --ema_profiles network', metavar='BOOL', type=bool, default=launch.DEFAULTS['metric_profiles'], show_default=True)
 @click.option('--tensorboard',  help='Also write tick stats as TensorBoard events (pip install tensorboard)', metavar='BOOL', type=bool, default=launch.DEFAULTS['tensorboard'], show_default=True)
+@click.option('--nan-policy', 'nan_policy', help=f'On a non-finite loss or gradient: stop the run, or drop the step (stops after {divergence.MAX_SKIPPED_IN_A_ROW} in a row)', type=click.Choice(divergence.POLICIES), default=launch.DEFAULTS['nan_policy'], show_default=True)
 @click.option('--seed',         help='Random seed  [default: random]', metavar='INT',                type=click.IntRange(min=0, max=2**31 - 1))
 @click.option('--transfer',     help='Transfer learning from network file (pickle or safetensors)', metavar='PKL|URL',     type=str)
 @click.option('--resume',       help='Resume from training state (file, run directory, or auto: the newest run of this command)', metavar='PT|DIR|auto', type=str)
@@ -86,11 +90,17 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200
     """
+    if kwargs['preset'] is not None:
+        ctx = click.get_current_context()
+        given = {name for name in kwargs if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+        kwargs = recipes.with_preset(kwargs, kwargs['preset'], given)
     opts = dnnlib.EasyDict(kwargs)
     try:
         device = distributed.init(None if opts.device == 'auto' else opts.device)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--device')
+    except distributed.ProcessGroupError as err:
+        raise click.ClickException(str(err))
     opts.device = device.type
     try:
         launch.run(opts)

@@ -137,3 +137,33 @@ class Block:
 '''
     kinds = {what for _, what in device_and_autograd_branches(source)}
     assert kinds == {'is_grad_enabled', 'in-place keyword', '.device.type', "'cuda'", 'is_cuda', '.add_()'}
+
+
+def test_no_library_module_imports_the_command_line_module():
+    # training/cli.py is the option layer of generate.py and fid.py; library code must not depend on it.
+    offenders = {name: 'training.cli' for name, imports in import_graph().items()
+                 if name.split('.')[0] in ('training', 'torch_utils', 'dnnlib') and name != 'training.cli'
+                 and 'training.cli' in imports}
+    assert not offenders
+
+
+# The training side's library modules: their messages speak of values; training/launch.py names the options.
+TRAINING_LIBRARY = ('training/training_loop.py', 'training/run_control.py', 'training/divergence.py', 'training/ema.py', 'training/ticks.py',
+                    'training/run_dir.py', 'training/snapshot_metrics.py')
+
+
+def string_literals(path):
+    """Every string constant of a file that is not a docstring (f-strings included, by their constant parts)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_training_library_messages_name_no_command_line_option():
+    import re
+    offenders = {path: found for path in TRAINING_LIBRARY
+                 if (found := [text for text in string_literals(REPO_ROOT / path) if re.search(r'--[a-z]', text)])}
+    assert not offenders

@@ -135,3 +135,50 @@ def test_torchrun_on_cuda_uses_nccl_and_the_local_rank_device(tmp_path):
     run_torchrun(NCCL_SCRIPT, tmp_path, nproc_per_node=1)
     output = json.loads((tmp_path / 'rank0.json').read_text())
     assert output == dict(device='cuda:0', current=0, backend='nccl', on_cpu=['cpu', 2.0], on_gpu=['cuda:0', 3.0])
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_env(monkeypatch, rank, world_size):
+    for name, value in dict(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=0, MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT=free_port()).items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_joining_through_the_environment_gives_the_group_of_torchrun(monkeypatch):
+    torchrun_env(monkeypatch, rank=0, world_size=1)
+    try:
+        distributed.init('cpu')
+        assert dist.is_initialized() and distributed.get_world_size() == 1 and distributed.get_backend() == 'gloo'
+    finally:
+        distributed.shutdown()
+
+
+def test_a_process_group_that_cannot_be_joined_is_retried_then_one_line(monkeypatch, tmp_path):
+    # Rank 1 of 2 whose rank 0 never comes: every attempt times out, the retries end within the start-up bound.
+    torchrun_env(monkeypatch, rank=1, world_size=2)
+    monkeypatch.setattr(distributed, 'STARTUP_TIMEOUT_SEC', 4)
+    monkeypatch.setattr(distributed, 'ATTEMPT_TIMEOUT_SEC', 1)
+    monkeypatch.setattr(distributed, 'RETRY_DELAY_SEC', 0.5)
+    attempts = []
+    real_rendezvous = dist.rendezvous
+    monkeypatch.setattr(dist, 'rendezvous', lambda *args, **kwargs: attempts.append(1) or real_rendezvous(*args, **kwargs))
+    from click.testing import CliRunner
+    import train
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--data={tmp_path}', '--device=cpu'])
+    errors = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert result.exit_code != 0 and not dist.is_initialized() and 'Traceback' not in result.output
+    assert len(errors) == 1 and 'could not join the process group at 127.0.0.1' in errors[0], result.output
+    assert 'rank 1 of 2 within 4 s' in errors[0] and len(attempts) >= 2
+
+
+def test_missing_torchrun_variables_are_one_line(monkeypatch):
+    torchrun_env(monkeypatch, rank=0, world_size=2)
+    monkeypatch.delenv('MASTER_ADDR')
+    with pytest.raises(distributed.ProcessGroupError, match='MASTER_ADDR'):
+        distributed.init('cpu')

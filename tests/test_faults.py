@@ -12,6 +12,7 @@ import time
 import zipfile
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import train
@@ -133,3 +134,27 @@ def test_sigkill_leaves_no_corrupt_file_and_resume_continues_from_the_newest_sta
     resumed = training_state.load_training_state(training_state.resolve_resume_path(str(tmp_path)))
     assert resumed['cur_nimg'] == steps * 4 and resumed['cur_step'] == newest['cur_step'] + 2
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')], seen  # the kill's leftovers removed
+
+
+def all_finite(tensors):
+    return all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_nothing_non_finite(data, tmp_path):
+    # Three good steps (a state at 12 images), then a learning rate that turns the loss into NaN within two steps.
+    good = options(data, tmp_path, 3, '--lr_rampup=0', '--tick=0.008')
+    assert CliRunner().invoke(train.main, good).exit_code == 0
+    good_state = training_state.resolve_resume_path(str(tmp_path))
+    result = CliRunner().invoke(train.main, options(data, tmp_path, 12, '--lr_rampup=0', '--tick=0.008', '--lr=1e30',
+                                                    f'--resume={tmp_path}'))
+    assert result.exit_code != 0 and 'Traceback' not in result.output
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and 'non-finite at step 4 (0.016 kimg)' in errors[0], result.output
+    assert 'nothing of it was saved' in errors[0] and good_state in errors[0]
+    for name in os.listdir(tmp_path):
+        if name.endswith('.pt'):
+            state = training_state.load_training_state(tmp_path / name)
+            assert all_finite([*state['net'].values(), *state['ema'].values()]), name
+        elif name.endswith('.pkl'):
+            assert all_finite(checkpoints.load_network_pickle(tmp_path / name)['ema'].state_dict().values()), name
+    assert training_state.resolve_resume_path(str(tmp_path)) == good_state  # a requeue resumes the last good state

@@ -131,6 +131,15 @@ def test_warmup_caps_the_weight_at_each_optimizer_step_and_not_after():
         loss_fn.advance()
 
 
+def test_the_step_given_with_each_call_sets_the_cap_and_the_recorded_step():
+    loss_fn = saturated_loss(warmup_ite=10)
+    for step in (7, 3, 3):
+        torch.manual_seed(0)
+        weight = loss_fn(ZeroNet(), torch.ones([8, 1, 1, 1]), step=step).double().flatten()
+        torch.testing.assert_close(weight, torch.full([8], 5 * 100 ** (step / 10), dtype=torch.float64))
+        assert loss_fn.state_dict() == {'step': step + 1}  # what a training state written after this step records
+
+
 def test_warmup_cap_is_the_same_whatever_the_gradient_accumulation():
     def caps(calls_per_step):
         loss_fn = saturated_loss(warmup_ite=6)

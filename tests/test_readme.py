@@ -105,3 +105,9 @@ def test_ci_runs_the_readme_test_command():
     tests_section = README.read_text().split('## Tests', 1)[1]
     command = re.search(r'```bash\n(.*?)\n```', tests_section, flags=re.S).group(1).strip()
     assert command in (REPO_ROOT / '.ci' / 'run').read_text()
+
+
+def test_readme_names_every_preset():
+    from training import recipes
+    readme = (REPO_ROOT / 'README.md').read_text()
+    assert all(f'`{name}`' in readme or f'--preset={name}' in readme for name in recipes.PRESETS)

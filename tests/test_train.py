@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import train
 from training import launch
+from training import recipes
 
 # The nine published training recipes of the README (options after --outdir/--data).
 RECIPES = {
@@ -265,3 +266,39 @@ def test_tensorboard_is_recorded_in_the_training_options(tmp_path, unlabeled_zip
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '-n')
     assert result.exit_code == 0, result.output
     assert printed_config(result.output)['tensorboard'] is False
+
+
+def test_resume_auto_finds_the_run_of_the_same_command_whatever_its_process_count(tmp_path):
+    (tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32').mkdir()
+    (tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt').write_bytes(b'')
+    (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32').mkdir()  # another global batch: another run
+    (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32' / 'training-state-000002.pt').write_bytes(b'')
+    found = launch.find_auto_resume(str(tmp_path), 'data-uncond-ddpmpp-edm-gpus1-batch8-fp32', False)
+    assert found == str(tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt')
+
+
+PRESET_OF_RECIPE = {name: f'{name.split("-")[0]}-fdm_{name.split("-")[1]}' for name in RECIPES}
+QUICKSTART_OPTIONS = ('--cond=1 --arch=ddpmpp --cbase=16 --cres=1,2,2 --blocks=1 --attn=none --precond=fdm_edm '
+                      '--warmup_ite=200 --batch=16 --lr=2e-3 --lr_rampup=0.001 --dropout=0 --augment=0')
+
+
+def test_every_preset_is_a_published_recipe_or_the_quickstart():
+    assert sorted(recipes.PRESETS) == sorted([*PRESET_OF_RECIPE.values(), 'quickstart'])
+
+
+@pytest.mark.parametrize('preset, options', [*((PRESET_OF_RECIPE[name], RECIPES[name]) for name in sorted(RECIPES)),
+                                             ('quickstart', QUICKSTART_OPTIONS)])
+def test_a_preset_gives_the_configuration_of_its_long_command(preset, options, tmp_path, labeled_zip):
+    common = [f'--outdir={tmp_path}', f'--data={labeled_zip}', '--seed=1', '-n']
+    long = run_cli(*common, *options.split())
+    short = run_cli(*common, f'--preset={preset}')
+    assert long.exit_code == 0 and short.exit_code == 0, long.output + short.output
+    assert printed_config(short.output) == printed_config(long.output)
+
+
+def test_options_given_beside_a_preset_override_it(tmp_path, labeled_zip):
+    result = run_cli(f'--outdir={tmp_path}', f'--data={labeled_zip}', '--preset=ffhq-fdm_edm', '--lr=1e-4', '--dropout=0.13', '-n')
+    assert result.exit_code == 0, result.output
+    c = printed_config(result.output)
+    assert c['optimizer_kwargs']['lr'] == 1e-4 and c['network_kwargs']['dropout'] == 0.13  # 0.13: also the default
+    assert c['loss_kwargs']['warmup_ite'] == 800 and c['batch_size'] == 256

@@ -1,6 +1,5 @@
 """training/training_loop.py through train.py: outputs, exact resume, multi-process equivalence, interruption."""
 
-import io
 import json
 import os
 import pathlib
@@ -19,7 +18,6 @@ import train
 import conftest
 from test_train import write_dataset
 from training import training_state
-from training import training_loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8                                 # images per step, over all processes
@@ -258,28 +256,48 @@ def test_resume_with_another_dataset_or_network_is_refused_without_resume_force(
     assert 'optimizer_kwargs.lr' not in errors[0]  # reported, not refused
 
 
-class _FakeStream(io.StringIO):
-    def __init__(self, tty):
-        super().__init__()
-        self.tty = tty
-
-    def isatty(self):
-        return self.tty
-
-
-def test_tick_progress_bar_draws_only_on_a_terminal():
-    tty, pipe = _FakeStream(tty=True), _FakeStream(tty=False)
-    for stream in (tty, pipe):
-        bar = training_loop.tick_progress_bar(stream, tick_nimg=16, tick=3)
-        bar.update(8)
-        bar.close()
-    assert 'tick 3' in tty.getvalue() and 'img' in tty.getvalue()
-    assert pipe.getvalue() == ''
-    assert training_loop.tick_progress_bar(None, tick_nimg=16, tick=0).disable
-
-
 def test_run_without_a_terminal_prints_and_logs_no_progress_bar(data, tmp_path, capfd):
     result = run_in_process(tiny_options(data, tmp_path, 2))
     captured = capfd.readouterr()
     for text in (result.output, (tmp_path / 'log.txt').read_text(), captured.out, captured.err):
         assert 'img/s' not in text and '\r' not in text and '%|' not in text
+
+
+def test_resume_auto_continues_a_two_process_run_in_one_process_as_resume_dir_would(data, tmp_path):
+    # A requeue on another allocation: the run directory's name says gpus2, the new run has one process.
+    def options(outdir, steps, *extra):
+        return [arg for arg in tiny_options(data, outdir, steps, *extra) if arg != '--nosubdir']
+    run_torchrun(options(tmp_path / 'runs', STEPS // 2))
+    (first_run,) = os.listdir(tmp_path / 'runs')
+    assert '-gpus2-' in first_run
+    auto = run_in_process(options(tmp_path / 'runs', STEPS, '--resume=auto'))
+    assert f'continuing {tmp_path / "runs" / first_run}' in auto.output and 'written by 2 processes' in auto.output
+    run_in_process(tiny_options(data, tmp_path / 'explicit', STEPS, f'--resume={tmp_path / "runs" / first_run}'))
+    (second_run,) = set(os.listdir(tmp_path / 'runs')) - {first_run}
+    assert_states_identical(latest_state(tmp_path / 'runs' / second_run), latest_state(tmp_path / 'explicit'))
+
+
+def test_a_killed_worker_ends_the_run_and_the_survivor_says_that_no_state_was_saved(data, tmp_path):
+    import psutil
+    run_dir = tmp_path / 'run'
+    env = {key: value for key, value in os.environ.items() if key not in conftest.TORCHRUN_ENV}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS='1')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
+               str(REPO_ROOT / 'train.py'), *tiny_options(data, run_dir, 100000)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / 'stats.jsonl').exists() or not (run_dir / 'stats.jsonl').read_text():
+            assert process.poll() is None and time.time() < deadline, 'training did not start'
+            time.sleep(0.2)
+        (rank1,) = [child for child in psutil.Process(process.pid).children(recursive=True)
+                    if child.environ().get('RANK') == '1' and 'train.py' in ' '.join(child.cmdline())]
+        rank1.kill()
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    errors = [line for line in output.splitlines() if 'Error:' in line]
+    assert any('no training state saved (a run of 2 processes' in line for line in errors), output[-3000:]
+    signalled = [line for line in output.splitlines() if 'finishing this step' in line]
+    assert all('if every process is still running' in line for line in signalled), signalled

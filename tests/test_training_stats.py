@@ -57,6 +57,19 @@ def test_collector_sees_only_samples_since_its_last_update():
     assert collector.num('x') == 1 and collector.mean('x') == 10.0 and collector.std('x') == 0.0
 
 
+def test_non_finite_samples_are_left_out_and_spoil_no_later_interval():
+    collector = training_stats.Collector(keep_previous=False)
+    training_stats.report('Loss/loss', torch.tensor([1.0, float('nan'), float('inf')]))
+    collector.update()
+    assert collector.num('Loss/loss') == 1 and collector.mean('Loss/loss') == 1.0
+    training_stats.report('Loss/loss', torch.tensor([float('nan')]))
+    collector.update()
+    assert collector.num('Loss/loss') == 0
+    training_stats.report('Loss/loss', [2.0, 4.0])
+    collector.update()
+    assert collector.num('Loss/loss') == 2 and collector.mean('Loss/loss') == 3.0
+
+
 def test_collectors_are_independent():
     early, late = training_stats.Collector(), training_stats.Collector()
     training_stats.report('x', 1.0)

@@ -16,9 +16,19 @@ _M_MMAP_THRESHOLD = -3
 openmp_wait_policy = 'not chosen'   # What choose_openmp_wait_policy() decided, for the start-up report.
 
 
-def prepare_process():
-    """What every entry point calls before `import torch`: the OpenMP waiting policy and the heap setting."""
-    choose_openmp_wait_policy()
+# Arguments that end a script before it computes anything: no need to measure the CPUs for them.
+_NO_WORK_ARGS = ('--help', '--dry-run', '-n')
+
+
+def prepare_process(argv=None):
+    """What every entry point does before `import torch` (torch_utils/before_torch.py): the OpenMP waiting policy
+    and the heap setting. The policy takes a measurement of the CPUs (about a second): skipped when `argv` (a
+    script's arguments; None = always measure) asks for help or a dry run, or is empty (click prints the usage)."""
+    global openmp_wait_policy
+    if argv is not None and (not argv or any(arg in _NO_WORK_ARGS for arg in argv)):
+        openmp_wait_policy = 'not chosen (nothing to compute)'
+    else:
+        choose_openmp_wait_policy()
     keep_freed_memory()
 
 

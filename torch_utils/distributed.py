@@ -5,12 +5,23 @@ and `init()` joins the process group: nccl when the device is CUDA, gloo on CPU.
 run is one process of world size 1 and no process group is created. A CPU run makes no CUDA call.
 """
 
+import datetime
 import os
+import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 _device = None
+
+STARTUP_TIMEOUT_SEC = 300               # How long joining the process group may take, retries included.
+ATTEMPT_TIMEOUT_SEC = 60                # How long one attempt waits for the other processes.
+RETRY_DELAY_SEC = 2                     # Pause between attempts (a port in use, a peer still starting).
+
+
+class ProcessGroupError(RuntimeError):
+    """The process group could not be joined within STARTUP_TIMEOUT_SEC; the message is one line."""
 
 
 def _is_distributed():
@@ -47,12 +58,39 @@ def init(device=None):
     if launched and not _is_distributed():
         if not dist.is_available():
             raise RuntimeError('this PyTorch build has no torch.distributed, but RANK/WORLD_SIZE are set')
-        if device.type == 'cuda':
-            dist.init_process_group(backend='nccl', init_method='env://', device_id=device)
-        else:
-            dist.init_process_group(backend='gloo', init_method='env://')
+        _join_process_group(device)
     _device = device
     return device
+
+
+def _join_process_group(device):
+    """Rendezvous through torchrun's environment (its agent's store after an elastic restart) and join the group,
+    retrying failed attempts until STARTUP_TIMEOUT_SEC; the group itself keeps torch's default timeout."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SEC
+    where = f'{os.environ.get("MASTER_ADDR", "?")}:{os.environ.get("MASTER_PORT", "?")}'
+    while True:
+        attempt_sec = max(min(ATTEMPT_TIMEOUT_SEC, deadline - time.monotonic()), 1)
+        try:
+            store, rank, world_size = next(dist.rendezvous('env://', timeout=datetime.timedelta(seconds=attempt_sec)))
+            store.set_timeout(dist.default_pg_timeout)  # later store waits (new groups) as init_method='env://' has them
+            if device.type == 'cuda':
+                dist.init_process_group(backend='nccl', store=store, rank=rank, world_size=world_size, device_id=device)
+            else:
+                dist.init_process_group(backend='gloo', store=store, rank=rank, world_size=world_size)
+            return
+        except ValueError as err:  # torchrun's variables missing or malformed: no retry mends that
+            raise ProcessGroupError(f'cannot join the process group: {_first_line(err)}') from None
+        except (RuntimeError, OSError) as err:  # torch's DistNetworkError/DistStoreError are RuntimeErrors
+            if time.monotonic() + RETRY_DELAY_SEC >= deadline:
+                raise ProcessGroupError(f'could not join the process group at {where} as rank '
+                                        f'{os.environ.get("RANK")} of {os.environ.get("WORLD_SIZE")} within '
+                                        f'{STARTUP_TIMEOUT_SEC:g} s: {_first_line(err)}') from None
+            time.sleep(RETRY_DELAY_SEC)
+
+
+def _first_line(err):
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def shutdown():
@@ -123,3 +161,24 @@ def all_reduce_sum_(tensor):
     dist.all_reduce(moved, op=dist.ReduceOp.SUM)
     tensor.copy_(moved)
     return tensor
+
+
+def rank0_first(fn):
+    """Run `fn` on rank 0 first (it fills download caches), then on the others; rank 0 releases them even on failure."""
+    if not is_main():
+        barrier()
+    try:
+        return fn()
+    finally:
+        if is_main():
+            barrier()
+
+
+def split_seeds(seeds, max_batch_size, rank, world_size):
+    """This rank's batches: the seeds split into a multiple of world_size near-equal batches, dealt round-robin.
+
+    Returns (this rank's batches, all batches); with fewer seeds than ranks some batches are empty.
+    """
+    num_batches = (max(len(seeds) - 1, 0) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = np.array_split(np.array(seeds, dtype=np.int64), num_batches)
+    return all_batches[rank::world_size], all_batches

@@ -1,6 +1,6 @@
 """Per-step statistics (losses, timings) reported anywhere in the code and reduced across ranks on demand.
 
-`report(name, value)` adds every element of `value` as one sample to running float64 moments (count, sum,
+`report(name, value)` adds every finite element of `value` as one sample to running float64 moments (count, sum,
 sum of squares) kept on the value's own device, so reporting never forces a GPU sync. A `Collector`
 turns the samples reported since its previous `update()` into num/mean/std, summed over all ranks.
 """
@@ -20,8 +20,11 @@ _moments = dict()  # name -> {device: float64 tensor [3]}, cumulative since the 
 def report(name, value):
     """Add the elements of `value` (scalar, sequence or tensor) as samples of statistic `name`; returns `value`."""
     samples = torch.as_tensor(value).detach().flatten().to(torch.float64)
+    # Non-finite samples are left out: the moments are cumulative, so one NaN would spoil every later interval.
+    finite = torch.isfinite(samples)
+    samples = torch.where(finite, samples, 0)
     moments = torch.stack([
-        samples.new_full((), samples.numel()),
+        finite.sum().to(torch.float64),
         samples.sum(),
         samples.square().sum(),
     ])

@@ -4,7 +4,6 @@ and precision choice, the sampler options as one click decorator, and reading a 
 import re
 
 import click
-import numpy as np
 import torch
 
 import dnnlib
@@ -62,25 +61,8 @@ class SeedList(click.ParamType):
         return list(dict.fromkeys(seeds))
 
 
-def split_seeds(seeds, max_batch_size, rank, world_size):
-    """This rank's batches: the seeds split into a multiple of world_size near-equal batches, dealt round-robin.
-
-    Returns (this rank's batches, all batches); with fewer seeds than ranks some batches are empty.
-    """
-    num_batches = (max(len(seeds) - 1, 0) // (max_batch_size * world_size) + 1) * world_size
-    all_batches = np.array_split(np.array(seeds, dtype=np.int64), num_batches)
-    return all_batches[rank::world_size], all_batches
-
-
-def rank0_first(fn):
-    """Run `fn` on rank 0 first (it fills download caches), then on the others; rank 0 releases them even on failure."""
-    if not distributed.is_main():
-        distributed.barrier()
-    try:
-        return fn()
-    finally:
-        if distributed.is_main():
-            distributed.barrier()
+split_seeds = distributed.split_seeds      # shared with training/snapshot_metrics.py, which must not import the CLI
+rank0_first = distributed.rank0_first
 
 
 def init_device(device, precision=None):

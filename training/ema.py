@@ -1,5 +1,6 @@
-"""Power-function EMA profiles (EDM2's post-hoc EMA): σ_rel ↔ γ, the running averages, and the least-squares
-combination of stored profiles that approximates another profile (docs/design.md#post-hoc-ema).
+"""The averages of the trained network: EDM's half-life EMA and power-function EMA profiles (EDM2's post-hoc EMA):
+σ_rel ↔ γ, the running averages, and the least-squares combination of stored profiles that approximates another
+profile (docs/design.md#post-hoc-ema). The training loop holds them all in one `TrainingEMA`.
 
 A profile of exponent γ at optimizer step t averages the parameters θ_1 … θ_t of steps 1 … t. The update
 θ̂ ← β θ̂ + (1 − β) θ_t with β = (1 − 1/t)^(γ+1) gives θ_τ the weight (τ^(γ+1) − (τ−1)^(γ+1)) / t^(γ+1), which is
@@ -108,6 +109,58 @@ class PowerEMA:
         for ema, ema_state in zip(self.emas, state['emas']):
             ema.load_state_dict(ema_state)
         self.step = int(state['step'])
+
+
+class HalfLifeEMA:
+    """EDM's EMA: one copy of the network whose half-life is fixed in images, shorter while training starts."""
+
+    def __init__(self,
+        net,                            # The trained network (its parameters are read, never written).
+        halflife_kimg,                  # Half-life in thousands of images.
+        rampup_ratio    = None,         # The half-life is at most this fraction of the images seen; None = no ramp-up.
+    ):
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.halflife_kimg = halflife_kimg
+        self.rampup_ratio = rampup_ratio
+        self.net_params = list(net.parameters())
+        self.ema_params = list(self.ema.parameters())
+        self.net_buffers = [b for b in net.buffers() if b.is_floating_point()]
+        self.ema_buffers = [b for b in self.ema.buffers() if b.is_floating_point()]
+
+    def update(self, cur_nimg, batch_size):
+        """Take in the network after a step of `batch_size` images that began at `cur_nimg` images."""
+        halflife_nimg = self.halflife_kimg * 1000
+        if self.rampup_ratio is not None:
+            halflife_nimg = min(halflife_nimg, cur_nimg * self.rampup_ratio)
+        beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.net_params, 1 - beta)
+            if self.net_buffers:
+                torch._foreach_copy_(self.ema_buffers, self.net_buffers)
+
+
+class TrainingEMA:
+    """Every average a run keeps: the half-life EMA (`ema`, the snapshot's network) and the optional profiles."""
+
+    def __init__(self,
+        net,                            # The trained network.
+        halflife_kimg,                  # As HalfLifeEMA.
+        rampup_ratio    = None,         # As HalfLifeEMA.
+        profile_stds    = None,         # σ_rel of the power-function profiles; None = none.
+    ):
+        self.half_life = HalfLifeEMA(net, halflife_kimg, rampup_ratio)
+        self.ema = self.half_life.ema
+        self.power = PowerEMA(net, profile_stds) if profile_stds else None
+
+    def update(self, cur_nimg, cur_step, batch_size):
+        """Take in the network after optimizer step `cur_step` ≥ 1, which brought the images seen to `cur_nimg`."""
+        self.half_life.update(cur_nimg - batch_size, batch_size)
+        if self.power is not None:
+            self.power.update(cur_step)
+
+    def networks(self):
+        """Every average as a module: the EMA first, then the profiles."""
+        return [self.ema, *(self.power.emas if self.power is not None else [])]
 
 
 def profile_network_name(std):

@@ -35,7 +35,7 @@ DEFAULTS = dict(
     fp16=False, precision=None, ls=1, bench=True, tf32=False, compile=False, cache=True, workers=8, device='auto',
     desc=None, nosubdir=False, tick=50, snap=200, dump=500, seed=None, transfer=None, resume=None, resume_force=False,
     dry_run=False, ema_profiles=None, metrics=None, metric_ref=None, metric_num=None, metric_detector='nvidia',
-    metric_profiles=False, tensorboard=False, format='pickle',
+    metric_profiles=False, tensorboard=False, format='pickle', nan_policy='stop', preset=None,
 )
 
 
@@ -58,7 +58,8 @@ def _open_dataset(dataset_kwargs):
 
 def build_config(opts, world_size):
     """The whole truth of a run as one plain dict; raises click errors for inconsistent options."""
-    if recipes.RECIPES[opts.precond].fdm_multiplier is None:
+    fdm_multiplier_default = recipes.fdm_multiplier_default(opts.precond)
+    if fdm_multiplier_default is None:
         for name, value in (('--warmup_ite', opts.warmup_ite), ('--fdm_multiplier', opts.fdm_multiplier)):
             if value is not None:
                 raise click.UsageError(f'{name} applies only to the FDM preconditioners (fdm_edm, fdm_vp, '
@@ -101,9 +102,8 @@ def build_config(opts, world_size):
     if opts.label_dropout:
         c.network_kwargs.label_dropout = opts.label_dropout  # also recorded in the snapshot; sampling checks it for --guidance
     c.loss_kwargs = dnnlib.EasyDict(class_name=recipe.loss)
-    if recipe.fdm_multiplier is not None:
-        multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else recipe.fdm_multiplier
-        c.network_kwargs.fdm_multiplier = multiplier
+    if fdm_multiplier_default is not None:
+        c.network_kwargs.fdm_multiplier = opts.fdm_multiplier if opts.fdm_multiplier is not None else fdm_multiplier_default
         c.loss_kwargs.warmup_ite = opts.warmup_ite
     c.augment_kwargs = None
     if opts.augment > 0:
@@ -115,7 +115,7 @@ def build_config(opts, world_size):
     try:
         batch_gpu, _ = training_loop.batch_rounds(opts.batch, opts.batch_gpu, world_size)
     except training_loop.BatchSizeError as err:
-        raise click.BadParameter(str(err), param_hint=err.option) from None
+        raise click.BadParameter(str(err), param_hint={'batch_size': '--batch', 'batch_gpu': '--batch-gpu'}[err.argument]) from None
 
     c.update(
         ema_profiles        = _ema_profiles(opts.ema_profiles),
@@ -140,6 +140,7 @@ def build_config(opts, world_size):
         precision           = precision,
         compile             = opts.compile,
         device              = opts.device,
+        nan_policy          = opts.nan_policy,
     )
     return c
 
@@ -214,7 +215,7 @@ _RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
 # Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
 _RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
                         'kimg_per_tick', 'snapshot_ticks', 'snapshot_format', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
-                        'tensorboard')
+                        'tensorboard', 'nan_policy')
 
 
 def changed_options(state_options, c):
@@ -232,15 +233,26 @@ def changed_options(state_options, c):
             if old.get(key) != new.get(key)]
 
 
+_PROCESS_COUNT_RE = re.compile(r'-gpus\d+-')   # the part of a run's description that a requeue may change
+
+
+def same_command(run_desc, desc):
+    """True when the run directory description `run_desc` is that of `desc` but for the number of processes
+    (`gpus{N}`): the global batch, which fixes what is trained, is part of both."""
+    return _PROCESS_COUNT_RE.sub('-gpus*-', run_desc) == _PROCESS_COUNT_RE.sub('-gpus*-', desc)
+
+
 def find_auto_resume(outdir, desc, nosubdir):
     """--resume=auto: the newest training state of the newest run directory `{id}-{desc}` in `outdir` that has
-    one (`outdir` itself with --nosubdir); None when there is none, so that the first launch starts afresh."""
+    one (`outdir` itself with --nosubdir), whatever number of processes wrote it; None when there is none, so that
+    the first launch starts afresh."""
     if not os.path.isdir(outdir):
         return None
     if nosubdir:
         candidates = [outdir]
     else:
-        runs = [(int(m.group(1)), name) for name in os.listdir(outdir) if (m := re.fullmatch(r'(\d+)-(.*)', name)) and m.group(2) == desc]
+        runs = [(int(m.group(1)), name) for name in os.listdir(outdir)
+                if (m := re.fullmatch(r'(\d+)-(.*)', name)) and same_command(m.group(2), desc)]
         candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
     for run_dir in candidates:
         try:
@@ -314,6 +326,9 @@ def run(opts):
         resume_path = _broadcast_from_rank0(find_auto_resume(opts.outdir, desc, opts.nosubdir))
         distributed.print0(f'--resume=auto: {"continuing " + resume_path if resume_path else "no training state yet; starting afresh"}')
     resume, resume_changes = read_resume(c, resume_path, opts.resume_force) if resume_path is not None else (None, [])
+    if resume is not None and resume['world_size'] != world_size:
+        distributed.print0(f'The state was written by {resume["world_size"]} processes, this run has {world_size}: '
+                           f'the same global batch of {c.batch_size} images continues')
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
 
@@ -338,7 +353,8 @@ def run(opts):
             run_dir = err
     run_dir = _broadcast_from_rank0(run_dir)
     if isinstance(run_dir, run_dirs.RunDirError):
-        raise click.ClickException(str(run_dir))
+        instead = 'use another --outdir' if run_dir.in_use else f'continue it with --resume={run_dir.run_dir} or choose another --outdir'
+        raise click.ClickException(f'{run_dir}; {instead}')
     if isinstance(run_dir, OSError):
         raise click.ClickException(f'--outdir={opts.outdir}: {run_dir}')
     c.run_dir = run_dir
@@ -351,13 +367,18 @@ def run(opts):
             logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
-        training_loop.training_loop(**c, resume=resume, transfer=transfer)
-    except (training_state.TrainingStateError, snapshot_metrics.MetricSetupError) as err:
+        summary = training_loop.training_loop(**c, resume=resume, transfer=transfer)
+        if summary.stopped:
+            distributed.print0(f'Resume with --resume={run_dir}')
+    except training_state.TrainingStateError as err:
         raise click.ClickException(str(err))
+    except snapshot_metrics.MetricSetupError as err:
+        raise click.ClickException(f'--metric_ref/--metric_detector: {err}')
     except training_loop.TrainingError as err:
         if logger is not None:  # the console gets one line; the log keeps the traceback for a bug report
             logger.file.write(''.join(traceback.format_exception(err.__cause__ or err)))
-        raise click.ClickException(str(err))
+        resume_hint = f', resume with --resume={err.saved_in}' if err.saved_in else ''
+        raise click.ClickException(f'{err}{resume_hint}')
     finally:
         if logger is not None:
             logger.close()
@@ -392,7 +413,8 @@ def _print_summary(c, opts, dataset, world_size, resume_changes):
     distributed.print0()
 
 
-_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'resume_force': '--resume-force'}  # the others are --{name}
+_FLAG_NAMES = {'batch_gpu': '--batch-gpu', 'dry_run': '--dry-run', 'resume_force': '--resume-force',
+               'nan_policy': '--nan-policy'}  # the others are --{name}
 _SWITCHES = ('nosubdir', 'dry_run', 'resume_force')                 # given without a value
 
 

@@ -2,8 +2,8 @@
 
 Each loss draws one noise level σ per image, noises the (optionally augmented) image and returns the
 per-element weighted squared error of the denoiser; the training loop sums and scales it. FDM caps the
-weight while training starts: here the cap is a function of the optimizer step, held by the loss and
-moved by `advance()`, so that gradient accumulation does not change it and a resumed run keeps it.
+weight while training starts: here the cap is a function of the optimizer step, which the training loop
+passes with every call (`step=`), so that gradient accumulation does not change it and a resumed run keeps it.
 """
 
 import numbers
@@ -45,23 +45,28 @@ class WarmupSchedule:
 
 
 class _DenoisingLoss:
-    """What the three losses share: the noising, the weighted error and the warm-up step counter.
+    """What the three losses share: the noising, the weighted error and the warm-up.
 
     A subclass only says how σ is drawn and how it is weighted (`sigma_and_weight`).
     """
 
     def __init__(self, warmup_ite):
         self.warmup = WarmupSchedule(warmup_ite)
-        self.step = 0
+        self.step = 0                   # Steps served: one past the last `step` given (the training state's record).
 
     def sigma_and_weight(self, rnd_shape, device):
         """Draw σ of shape `rnd_shape` on `device` and return (σ, weight before the warm-up cap)."""
         raise NotImplementedError
 
-    def __call__(self, net, images, labels=None, augment_pipe=None):
-        """Per-element loss [N,C,H,W] of `net` on `images` (float, in [-1, 1]) with optional class labels."""
+    def __call__(self, net, images, labels=None, augment_pipe=None, step=None):
+        """Per-element loss [N,C,H,W] of `net` on `images` (float, in [-1, 1]) with optional class labels, at optimizer
+        step `step` (None = the steps counted by `advance()` or the training state)."""
+        if step is None:
+            step = self.step
+        else:
+            self.step = step + 1
         sigma, weight = self.sigma_and_weight([images.shape[0], 1, 1, 1], images.device)
-        weight = self.warmup.clamp(weight, self.step)
+        weight = self.warmup.clamp(weight, step)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         noise = torch.randn_like(y) * sigma
         net_kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)  # nets without augment_dim
@@ -69,7 +74,7 @@ class _DenoisingLoss:
         return weight * (denoised - y).square()
 
     def advance(self):
-        """Count one optimizer step; the training loop calls this once per step, after the update."""
+        """Count one optimizer step, for callers that do not pass `step` (the training loop passes it)."""
         self.step += 1
 
     def state_dict(self):

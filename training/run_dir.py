@@ -21,6 +21,14 @@ TEMP_FILE_RE = re.compile(r'\.(network-snapshot-.+\.pkl|training-state-.+\.pt|tr
 class RunDirError(ValueError):
     """The run directory cannot be used by this run; the message says why and what to do instead."""
 
+    def __init__(self, message, run_dir, in_use):
+        super().__init__(message)
+        self.run_dir = run_dir          # the directory refused
+        self.in_use = in_use            # True: another live run holds it; False: it holds a finished run's files
+
+    def __reduce__(self):  # rank 0 broadcasts it to the other processes
+        return type(self), (str(self), self.run_dir, self.in_use)
+
 
 class RunLock:
     """The claim of this process on a run directory; `release()` (or process exit) gives it up."""
@@ -33,8 +41,7 @@ class RunLock:
         except BlockingIOError:
             owner = _read_owner(self.fd)
             os.close(self.fd)
-            raise RunDirError(f'{run_dir} is in use by another run ({owner}); wait for it to end or use another '
-                              f'--outdir') from None
+            raise RunDirError(f'{run_dir} is in use by another run ({owner}); wait for it to end', run_dir, True) from None
         identity = dict(pid=os.getpid(), host=socket.gethostname(),
                         start_time=datetime.datetime.now().astimezone().isoformat(timespec='seconds'))
         os.ftruncate(self.fd, 0)
@@ -70,8 +77,7 @@ def claim(run_dir, resume_state=None):
         found = run_files(run_dir)
         resumes_here = resume_state is not None and os.path.samefile(os.path.dirname(os.path.abspath(resume_state)), run_dir)
         if found and not resumes_here:
-            raise RunDirError(f'{run_dir} already holds the snapshots or training states of a run; continue it with '
-                              f'--resume={run_dir} or choose another --outdir')
+            raise RunDirError(f'{run_dir} already holds the snapshots or training states of a run', run_dir, False)
         for name in os.listdir(run_dir):
             if TEMP_FILE_RE.fullmatch(name):
                 os.remove(os.path.join(run_dir, name))

@@ -11,7 +11,6 @@ import time
 
 import dnnlib
 from torch_utils import distributed
-from training import cli
 from training import metrics
 from training import sampling
 
@@ -73,9 +72,9 @@ class SnapshotMetrics:
         resume_nimg     = 0,            # Images trained when resuming.
     ):
         if metric != 'fid':
-            raise MetricSetupError(f'--metrics={metric}: the only metric is fid')
+            raise ValueError(f'metric must be fid (the only one so far), got {metric!r}')
         if ref is None:
-            raise MetricSetupError('--metrics=fid needs --metric_ref (reference statistics from fid.py ref)')
+            raise ValueError('FID needs reference statistics (ref)')
         self.run_dir = run_dir
         self.device = device
         self.metric = metric
@@ -84,11 +83,11 @@ class SnapshotMetrics:
         self.profiles = profiles
         self.max_batch_size = max_batch_size
         try:
-            self.detector = cli.rank0_first(lambda: metrics.load_detector(detector, device=device, verbose=distributed.is_main()))
-            self.reference = cli.rank0_first(self._load_reference)
+            self.detector = distributed.rank0_first(lambda: metrics.load_detector(detector, device=device, verbose=distributed.is_main()))
+            self.reference = distributed.rank0_first(self._load_reference)
             metrics.check_same_detector(self.reference['detector'], self.detector, ref)
         except (OSError, metrics.DetectorError, metrics.StatisticsError) as err:
-            raise MetricSetupError(f'--metric_ref/--metric_detector: {err}') from None
+            raise MetricSetupError(str(err)) from None
         self.done = set()
         if distributed.is_main() and run_dir is not None and resume_state is not None:
             self.done = carry_over(run_dir, os.path.dirname(os.path.abspath(resume_state)), resume_nimg)
@@ -120,7 +119,7 @@ class SnapshotMetrics:
 
     def feature_statistics(self, net):
         """Detector statistics of `net`'s images for the fixed seeds, summed over all ranks."""
-        batches, _ = cli.split_seeds(self.seeds, self.max_batch_size, distributed.get_rank(), distributed.get_world_size())
+        batches, _ = distributed.split_seeds(self.seeds, self.max_batch_size, distributed.get_rank(), distributed.get_world_size())
         images = (sampling.generate_images(net, batch.tolist(), SAMPLER_NAME, SAMPLER_KWARGS, self.device, precision=PRECISION)
                   for batch in batches if len(batch))
         stats = metrics.feature_statistics(self.detector, images, self.device)
