@@ -14,9 +14,11 @@ import torch
 from click.testing import CliRunner
 
 import generate
+import train
 from test_checkpoints import SMALL_ADM, net_output, small_net, write_published
 from test_generate import read_tree
-from training import augment, checkpoints, convert, loss, training_loop, training_state
+from test_train import write_dataset
+from training import augment, checkpoints, convert, loss, training_state
 
 REPO_ROOT = str(__import__('pathlib').Path(__file__).resolve().parents[1])
 
@@ -110,11 +112,21 @@ def test_transfer_reads_a_safetensors_snapshot(tmp_path):
     assert isinstance(training_state.load_transfer(str(path), small_net(), verbose=False)['ema'], torch.nn.Module)
 
 
-def test_the_training_loop_writes_snapshots_and_profiles_in_both_formats(tmp_path):
-    net = small_net()
-    training_loop._save_snapshots(str(tmp_path), 1000, 1, net, None, loss.EDMLoss(), None, dict(path='x.zip'), 1, 'both')
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['network-snapshot-000001.pkl', 'network-snapshot-000001.safetensors']
-    assert torch.equal(net_output(checkpoints.load_network(tmp_path / 'network-snapshot-000001.safetensors')['ema']), net_output(net))
+def test_a_training_run_writes_snapshots_and_profiles_in_both_formats(tmp_path):
+    data = write_dataset(tmp_path / 'data.zip', num_images=8, resolution=8, num_classes=0)
+    args = [f'--outdir={tmp_path / "run"}', f'--data={data}', '--nosubdir', '--device=cpu', '--cbase=8', '--cres=1',
+            '--batch=4', '--duration=0.000008', '--tick=0.004', '--workers=0', '--seed=0', '--augment=0',
+            '--ema_profiles=0.1', '--format=both']
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / 'run').iterdir() if p.name.startswith(('network-', 'power-ema')))
+    stems = {name.rsplit('.', 1)[0] for name in names}
+    assert {stem.split('-0')[0] for stem in stems} == {'network-snapshot', 'power-ema'}
+    assert names == sorted(f'{stem}.{ext}' for stem in stems for ext in ('pkl', 'safetensors'))
+    for stem in stems:
+        from_pickle = checkpoints.load_network(tmp_path / 'run' / f'{stem}.pkl')['ema']
+        from_safetensors = checkpoints.load_network(tmp_path / 'run' / f'{stem}.safetensors')['ema']
+        assert torch.equal(net_output(from_pickle), net_output(from_safetensors))
 
 
 def rewrite(path, tensors=None, metadata=None, header_bytes=None):
