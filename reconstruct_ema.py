@@ -13,6 +13,7 @@ import click
 
 import torch
 from training import checkpoints
+from training import cli
 from training import ema as power_ema
 
 
@@ -61,7 +62,7 @@ def _combine(sources, coefficients):
 
 @click.command()
 @click.option('--run', 'run_dir', help='Run directory with power-ema-*.pkl files', metavar='DIR', type=str, required=True)
-@click.option('--std', help=f'σ_rel of the wanted EMA, in (0, {power_ema.MAX_STD:.4f}]', metavar='FLOAT', type=float, required=True)
+@click.option('--std', help=f'σ_rel of the wanted EMA, in (0, {power_ema.MAX_STD:.4f}]', metavar='FLOAT', type=cli.FiniteFloat(), required=True)
 @click.option('--kimg', help='Snapshot to reconstruct at  [default: the newest]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--dest', help='Network pickle to write', metavar='PKL', type=str, required=True)
 def main(run_dir, std, kimg, dest):

@@ -51,6 +51,33 @@ def atomic_write(path, mode='wb'):
         raise
 
 
+# atomic_write's temporaries: '.' + target name + '.' + mkstemp's 8 random characters + '.tmp'.
+_TEMPORARY_RE = re.compile(r'\.(.+)\.[a-z0-9_]{8}\.tmp')
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove atomic_write's temporaries of the files `names` in `folder` (a killed writer leaves them); returns how
+    many. Call it before writing those files: a temporary of a file about to be rewritten serves no one."""
+    names = set(names)
+    removed = 0
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _TEMPORARY_RE.fullmatch(entry)
+        if match is not None and match.group(1) in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+                removed += 1
+    return removed
+
+
+def check_writable_folder(folder):
+    """Create `folder` if needed and create and remove a file in it, so that an output that cannot be written fails
+    before the work that would fill it (OSError naming the path)."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test.', suffix='.tmp')
+    os.close(fd)
+    os.remove(probe)
+
+
 def get_obj_by_name(name):
     """Return the object a dotted path such as 'training.networks.EDMPrecond' names (longest importable module)."""
     if not isinstance(name, str) or not name or name.startswith('.') or name.endswith('.'):
@@ -182,7 +209,8 @@ class Logger:
         file_mode       = 'a',      # 'a' appends to an existing log (resumed runs), 'w' starts afresh.
         should_flush    = True,     # Flush after every write, so the log is complete if the run dies.
     ):
-        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
+        # backslashreplace: a path that is not UTF-8 (bytes kept as surrogates) is logged, not fatal to the run.
+        self.file = open(file_name, file_mode, encoding='utf-8', errors='backslashreplace') if file_name is not None else None
         self.stdout = _Tee(sys.stdout, self.file, should_flush)
         self.stderr = _Tee(sys.stderr, self.file, should_flush)
         sys.stdout = self.stdout
