@@ -338,6 +338,8 @@ def open_source(path):
     if os.path.isdir(path):
         mnist_images = find_mnist_images(path)
         return open_mnist(mnist_images) if mnist_images else open_image_folder(path)
+    if not os.path.isfile(path):  # a named pipe would block the reading forever, a device never end
+        raise click.ClickException(f'--source: {path} is neither a folder nor a regular file')
     name = os.path.basename(path).lower()
     if name.endswith(('.tar.gz', '.tgz')):
         return open_cifar10(path)
@@ -351,42 +353,60 @@ def open_source(path):
 # Destination.
 
 def check_destination(dest):
+    """Refuse a --dest that exists (a ZIP) or is not an empty folder, or whose folder cannot take files, before reading
+    any source."""
+    if not dest or not os.path.basename(os.path.normpath(dest)):
+        raise click.ClickException(f'--dest: {dest!r} names no file or folder')
     if dest.lower().endswith('.zip'):
-        if os.path.exists(dest):
+        if os.path.lexists(dest):
             raise click.ClickException(f'--dest: {dest} already exists; remove it or choose another name')
-    elif os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+    elif os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise click.ClickException(f'--dest: {dest} exists and is not an empty folder')
+    try:
+        dnnlib.util.check_writable_folder(os.path.dirname(os.path.abspath(dest)))
+    except OSError as error:
+        raise click.ClickException(f'--dest: cannot write to {error.filename or dest}: {error.strerror or error}') from None
+
+
+@contextlib.contextmanager
+def writing(dest):
+    """OSErrors of writing the dataset (disk full, ...) as one line naming --dest."""
+    try:
+        yield
+    except OSError as error:
+        raise click.ClickException(f'--dest: cannot write {dest}: {error.strerror or error}') from None
 
 
 @contextlib.contextmanager
 def open_destination(dest):
     """Yield save(archive_name, data); the dataset appears at `dest` only once the block completes."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    if dest.lower().endswith('.zip'):
-        with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+    with writing(dest):
+        parent = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(parent, exist_ok=True)
+        if dest.lower().endswith('.zip'):
+            with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+                def save(name, data):
+                    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+                    info.external_attr = 0o644 << 16
+                    archive.writestr(info, data)
+                yield save
+            os.chmod(dest, 0o644)  # the temporary file was private
+            return
+        staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
+        try:
             def save(name, data):
-                info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, data)
+                target = os.path.join(staging, name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, 'wb') as f:
+                    f.write(data)
             yield save
-        os.chmod(dest, 0o644)  # the temporary file was private
-        return
-    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
-    try:
-        def save(name, data):
-            target = os.path.join(staging, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, 'wb') as f:
-                f.write(data)
-        yield save
-        os.chmod(staging, 0o755)
-        if os.path.isdir(dest):
-            os.rmdir(dest)  # checked empty before the conversion started
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            os.chmod(staging, 0o755)
+            if os.path.isdir(dest):
+                os.rmdir(dest)  # checked empty before the conversion started
+            os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 # Command line.

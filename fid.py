@@ -104,6 +104,13 @@ def _load_reference(ref_path):
         raise click.BadParameter(str(e), param_hint='--ref') from None
 
 
+def _check_writable(folder, option):
+    try:
+        dnnlib.util.check_writable_folder(folder)
+    except OSError as e:
+        raise click.BadParameter(f'cannot write to {e.filename or folder}: {e.strerror or e}', param_hint=option) from None
+
+
 @click.group()
 def main():
     """Fréchet Inception Distance: reference statistics (`ref`) and FID against them (`calc`).
@@ -151,8 +158,10 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     With --features the file also holds the feature matrix of the same images, which `calc --metrics=kid,pr`
     needs; bound its size with --num.
     """
-    if os.path.isdir(dest_path):
-        raise click.BadParameter(f'{dest_path} is a folder; give the .npz file to write', param_hint='--dest')
+    if os.path.isdir(dest_path) or not os.path.basename(dest_path):
+        raise click.BadParameter(f'{dest_path!r} is a folder; give the .npz file to write', param_hint='--dest')
+    if dist.is_main():
+        _check_writable(os.path.dirname(os.path.abspath(dest_path)), '--dest')
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
     stats, image_shape = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
@@ -162,10 +171,12 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     except metrics.StatisticsError as e:
         raise click.BadParameter(f'{data_path}: {e}', param_hint='--data') from None
     if dist.is_main():
-        os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
         features = stats.features() if features_dtype is not None else None
-        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features, features_dtype or 'float32',
-                                image_shape)
+        try:
+            metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features,
+                                    features_dtype or 'float32', image_shape)
+        except OSError as e:
+            raise click.ClickException(f'--dest: cannot write {dest_path}: {e.strerror or e}') from None
         print(f'Saved statistics{" and " + features_dtype + " features" if features is not None else ""} of '
               f'{stats.num} images to {dest_path}')
     dist.barrier()

@@ -12,6 +12,9 @@ import os
 import click
 
 import torch
+
+import dnnlib
+from torch_utils import misc
 from training import checkpoints
 from training import cli
 from training import ema as power_ema
@@ -46,6 +49,9 @@ def _combine(sources, coefficients):
     sums = None
     for (path, _, _), coefficient in zip(sources, coefficients):
         data = checkpoints.load_network_pickle(path)
+        nonfinite = misc.first_nonfinite_tensor(data['ema'])
+        if nonfinite is not None:
+            raise click.ClickException(f'{path}: the network\'s {nonfinite} holds NaN or infinite values')
         params = dict(data['ema'].named_parameters())
         if sums is None:
             sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
@@ -75,6 +81,12 @@ def main(run_dir, std, kimg, dest):
         power_ema.check_std(std)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--std') from None
+    if os.path.isdir(dest) or not os.path.basename(dest):
+        raise click.BadParameter(f'{dest!r} is a folder; give the .pkl file to write', param_hint='--dest')
+    try:
+        dnnlib.util.check_writable_folder(os.path.dirname(os.path.abspath(dest)))
+    except OSError as err:
+        raise click.BadParameter(f'cannot write to {err.filename or dest}: {err.strerror or err}', param_hint='--dest') from None
     stored = _stored_profiles(run_dir)
     kimgs = sorted({item[1] for item in stored})
     kimg = kimgs[-1] if kimg is None else kimg
@@ -92,8 +104,10 @@ def main(run_dir, std, kimg, dest):
     data['power_ema'] = dict(std=float(std), gamma=target_gamma, step=target_step, nimg=sources[-1][2]['nimg'],
                              sources=[os.path.basename(path) for path, _, _ in sources],
                              coefficients=[float(c) for c in coefficients])
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    checkpoints.save_network_pickle(dest, data)
+    try:
+        checkpoints.save_network_pickle(dest, data)
+    except OSError as err:
+        raise click.ClickException(f'--dest: cannot write {dest}: {err.strerror or err}') from None
     print(f'Saved {dest}')
 
 

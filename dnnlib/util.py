@@ -1,12 +1,14 @@
 """Small utilities shared by the scripts: attribute dicts, atomic writes, classes by name, URLs, log tee."""
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import io
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import urllib.error
@@ -78,6 +80,21 @@ def check_writable_folder(folder):
     os.remove(probe)
 
 
+def open_regular_file(path):
+    """Open `path` for binary reading only if it is a regular file (or a link to one): opening a named pipe would wait
+    for a writer forever and a device such as /dev/zero never ends, so both are an OSError naming the path."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))  # O_NONBLOCK: opening a FIFO returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file', path)
+        if hasattr(os, 'set_blocking'):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def get_obj_by_name(name):
     """Return the object a dotted path such as 'training.networks.EDMPrecond' names (longest importable module)."""
     if not isinstance(name, str) or not name or name.startswith('.') or name.endswith('.'):
@@ -145,12 +162,12 @@ def open_url(url_or_path, cache_dir=None, cache=True, verbose=True, timeout_s=60
     """
     url_or_path = os.fspath(url_or_path)
     if '://' not in url_or_path:
-        return open(url_or_path, 'rb')
+        return open_regular_file(url_or_path)
     parsed = urllib.parse.urlparse(url_or_path)
     if parsed.scheme == 'file':
         if parsed.netloc not in ('', 'localhost'):
             raise ValueError(f'file URL with a remote host is not supported: {url_or_path}')
-        return open(urllib.request.url2pathname(parsed.path), 'rb')
+        return open_regular_file(urllib.request.url2pathname(parsed.path))
     if parsed.scheme not in ('http', 'https'):
         raise ValueError(f'unsupported URL scheme {parsed.scheme!r}: {url_or_path}')
 
