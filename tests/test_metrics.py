@@ -156,7 +156,7 @@ def test_statistics_without_sigma_are_refused(tmp_path):
 def test_statistics_holding_pickles_are_refused(tmp_path):
     path = tmp_path / 'pickled.npz'
     np.savez(path, mu=np.zeros(2), sigma=np.eye(2), detector=np.array([{'a': 1}], dtype=object))
-    with pytest.raises(metrics.StatisticsError, match='not a readable .npz'):
+    with pytest.raises(metrics.StatisticsError, match='detector is a object array'):
         metrics.load_statistics(path, str(path))
 
 
