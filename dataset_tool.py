@@ -51,6 +51,7 @@ GRAYSCALE_MODES = frozenset(['1', 'L', 'LA'])
 WIDE_GRAYSCALE_MODES = frozenset(['I', 'I;16', 'I;16L', 'I;16B', 'I;16N'])  # 16-bit PNGs and TIFFs; 'I' holds int32
 MAX_MEMBER_BYTES = 1 << 29  # an image or dataset.json in a source ZIP; a small ZIP can declare gigabytes of zeros
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times make the archive reproducible byte for byte
+MAX_RESOLUTION = 1 << 14  # an RGB image of 16384² takes 800 MB; a larger --resolution is a typo
 MNIST_PAD_PIXELS = 2  # 28x28 -> 32x32, as EDM and StyleGAN2-ADA do
 
 SOURCE_TYPES_HINT = ('a folder of images, a .zip of images, cifar-10-python.tar.gz, '
@@ -278,8 +279,10 @@ def assign_labels(names, dataset_json, dataset_json_name):
                                            f'expected a class number')
         return [table[name] for name in names], 'from dataset.json'
     folders = [name.split('/')[-2] if '/' in name else None for name in names]
+    if None in folders:  # images at the top level have no class folder, so none has a label
+        return [None] * len(names), 'none (some images are not in class folders)'
     classes = sorted(set(folders))
-    if None in folders or len(classes) < 2 or all(folder.isdigit() for folder in classes):
+    if len(classes) < 2 or all(folder.isdigit() for folder in classes):
         return [None] * len(names), 'none'
     index = {folder: i for i, folder in enumerate(classes)}
     note = 'from folder names: ' + ', '.join(f'{folder}={i}' for folder, i in index.items())
@@ -440,6 +443,8 @@ def check_target(resolution, transform):
     if not dnnlib.util.is_power_of_two(width):
         raise click.BadParameter(f'{width}x{height}: the output size must be a power of two',
                                  param_hint='--resolution')
+    if width > MAX_RESOLUTION:
+        raise click.BadParameter(f'{width}x{height}: at most {MAX_RESOLUTION}x{MAX_RESOLUTION}', param_hint='--resolution')
 
 
 def check_image(name, image, reference_shape):
@@ -474,6 +479,7 @@ def check_image(name, image, reference_shape):
 @click.option('--compress-level', type=click.IntRange(0, 9), default=0, show_default=True,
               help='zlib level of the PNG files: 0 is fastest to read, 9 gives the smallest archive')
 def main(source, dest, max_images, max_per_class, transform, resolution, skip_bad, compress_level):
+    dnnlib.util.tolerate_undecodable_output()
     check_target(resolution, transform)
     check_destination(dest)
     source_data = open_source(source)

@@ -23,7 +23,6 @@ from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
 from training import feature_metrics  # noqa: E402
 from training import metrics  # noqa: E402
-from training import sampling  # noqa: E402
 
 
 def _rank_batches(num_items, max_batch_size):
@@ -44,6 +43,8 @@ def _feature_stats(detector, batches_of_images, num_batches, device, desc, keep_
         stats = metrics.feature_statistics(detector, batches, device, keep_features)
     except dataset.DatasetError as e:  # from a DataLoader worker the message carries its traceback; keep the last line
         raise click.ClickException(str(e).strip().splitlines()[-1]) from None
+    finally:
+        progress.close()  # an error line then starts a line of its own
     return stats.all_reduce()
 
 
@@ -85,8 +86,8 @@ def _network_stats(detector, network_pkl, seeds, class_idx, precision, guidance,
     def images():
         for batch in batches:
             try:
-                yield batch, sampling.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
-                                                      class_idx, precision)
+                yield batch, cli.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
+                                                 class_idx, precision)
             except ValueError as e:
                 raise click.ClickException(f'--network {network_pkl}: {e}') from None
     return _feature_stats(detector, images(), len(batches), device, 'generate+features', keep_features)
@@ -122,11 +123,12 @@ def main():
 
     Under torchrun, write `--` before fid.py when giving --num (torchrun takes it for its --numa-binding).
     """
+    dnnlib.util.tolerate_undecodable_output()
 
 
 def _common_options(fn):
     fn = click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))(fn)
-    fn = click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0),
+    fn = click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0, max=cli.MAX_WORKERS),
                       default=2, show_default=True)(fn)
     fn = click.option('--batch', 'max_batch_size', help='Images per batch and process', metavar='INT',
                       type=click.IntRange(min=1), default=64, show_default=True)(fn)
@@ -147,7 +149,7 @@ def _init(device, detector, precision=None):
 @main.command()
 @click.option('--data', 'data_path',     help='Dataset ZIP or folder', metavar='ZIP|DIR',             type=str, required=True)
 @click.option('--dest', 'dest_path',     help='Statistics file to write', metavar='NPZ',               type=str, required=True)
-@click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2, max=cli.MAX_NUM_SEEDS))
 @click.option('--seed',                  help='Seed of the subset', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--features', 'features_dtype', help='Also store the features of these images (for KID, precision/recall)  [default: off; float32 when given without a value]',
               type=click.Choice(list(metrics.FEATURE_DTYPES)), is_flag=False, flag_value='float32')
@@ -187,7 +189,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
 @click.option('--images', 'image_path',  help='Images to evaluate: ZIP or folder', metavar='ZIP|DIR', type=str)
 @click.option('--network', 'network_pkl', help='Or generate them from this network pickle', metavar='PKL|URL', type=str)
 @click.option('--ref', 'ref_path',       help='Reference statistics', metavar='NPZ|URL',               type=str, required=True)
-@click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2, max=cli.MAX_NUM_SEEDS))
 @click.option('--seed',                  help='Seed of the subset drawn when --images holds more', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--metrics', 'metric_list', help='Comma-separated: fid, kid (x1e3, ± standard error), pr (precision, recall)', metavar='LIST',
               type=str, default='fid', show_default=True)
@@ -215,8 +217,10 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
     if seeds is not None and num_images is not None and num_images != len(seeds):
         raise click.BadParameter(f'--seeds lists {len(seeds)} seeds but --num={num_images}', param_hint='--num')
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
-    seeds = seeds if seeds is not None else list(range(num_images))
     if network_pkl is not None:
+        seeds = seeds if seeds is not None else list(range(num_images))
+        if len(seeds) < 2:
+            raise click.BadParameter(f'{len(seeds)} seed: a covariance needs at least 2 images', param_hint='--seeds')
         sampler_name, sampler_kwargs = cli.sampler_from_options(sampler_options)
 
     device, precision, detector_net = _init(device, detector, precision)
@@ -243,7 +247,10 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
                                  f'{stats.feature_dim}', param_hint='--ref')
     results = None
     if dist.is_main():
-        results = feature_metrics.evaluate(metric_names, stats, reference, device)
+        try:
+            results = feature_metrics.evaluate(metric_names, stats, reference, device)
+        except ValueError as e:  # StatisticsError and the metrics' own preconditions (more features than k for pr, ...)
+            raise click.ClickException(f'--metrics={metric_list}: {e}') from None
         if metric_names == ['fid']:
             print(f'FID of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
                   f'detector {detector_net.identity}:')

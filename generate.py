@@ -23,7 +23,6 @@ import tqdm  # noqa: E402
 import dnnlib  # noqa: E402
 from torch_utils import distributed  # noqa: E402
 from training import cli  # noqa: E402
-from training import sampling  # noqa: E402
 
 
 def image_path(outdir, seed, subdirs):
@@ -108,6 +107,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     torchrun --standalone --nproc_per_node=8 generate.py --outdir=fid --seeds=0-49999 --subdirs \\
         --solver=dpm --network=network-snapshot-200000.pkl
     """
+    dnnlib.util.tolerate_undecodable_output()
     if outdir is None and grid_path is None:
         raise click.ClickException('nothing to write: give --outdir, --grid, or both')
     if outdir == '':
@@ -135,23 +135,18 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
         f'on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}
-    progress = tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0)
-    for round_index, batch_seeds in enumerate(rank_batches):
-        if len(batch_seeds):
-            try:
-                images = sampling.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx,
-                                                  precision)
-            except sampling.NonFiniteImagesError as error:
-                raise click.ClickException(f'--network {network_url}: {error}') from None
-            images_hwc = images.permute(0, 2, 3, 1).cpu().numpy()
-            for seed, image in zip(batch_seeds.tolist(), images_hwc):
-                if outdir is not None:
-                    write_png(image_path(outdir, seed, subdirs), image)
-                if grid_path is not None:
-                    keep_for_grid[seed] = image
-        # The batches of this round on all ranks, counted here so rank 0 shows the total images/s.
-        progress.update(sum(len(b) for b in all_batches[round_index * world_size:(round_index + 1) * world_size]))
-    progress.close()
+    with tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0) as progress:  # closed first: an error gets its own line
+        for round_index, batch_seeds in enumerate(rank_batches):
+            if len(batch_seeds):
+                images = cli.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx,
+                                             precision)
+                for seed, image in zip(batch_seeds.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
+                    if outdir is not None:
+                        write_png(image_path(outdir, seed, subdirs), image)
+                    if grid_path is not None:
+                        keep_for_grid[seed] = image
+            # The batches of this round on all ranks, counted here so rank 0 shows the total images/s.
+            progress.update(sum(len(b) for b in all_batches[round_index * world_size:(round_index + 1) * world_size]))
 
     if grid_path is not None:
         all_images = gather_to_main(keep_for_grid)

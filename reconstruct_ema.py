@@ -77,9 +77,11 @@ def main(run_dir, std, kimg, dest):
     \b
     python reconstruct_ema.py --run=training-runs/00000-... --std=0.075 --dest=ema-0.075.pkl
     """
+    dnnlib.util.tolerate_undecodable_output()
     try:
         power_ema.check_std(std)
-    except ValueError as err:
+        target_gamma = power_ema.gamma_from_std(std)
+    except (ValueError, ArithmeticError) as err:  # a tiny σ_rel overflows γ
         raise click.BadParameter(str(err), param_hint='--std') from None
     if os.path.isdir(dest) or not os.path.basename(dest):
         raise click.BadParameter(f'{dest!r} is a folder; give the .pkl file to write', param_hint='--dest')
@@ -94,13 +96,15 @@ def main(run_dir, std, kimg, dest):
         raise click.BadParameter(f'{run_dir} has power-EMA profiles at kimg {", ".join(map(str, kimgs))}, not {kimg}', param_hint='--kimg')
     target_step = max(item[2]['step'] for item in stored if item[1] == kimg)
     sources = [item for item in stored if item[2]['step'] <= target_step]
-    target_gamma = power_ema.gamma_from_std(std)
     coefficients = power_ema.solve_coefficients([item[2]['gamma'] for item in sources], [item[2]['step'] for item in sources],
                                                 target_gamma, target_step)
     print(f'σ_rel {std:g} (γ {target_gamma:.4f}) at step {target_step} (kimg {kimg}) from {len(sources)} stored profiles:')
     for (path, _, record), coefficient in zip(sources, coefficients):
         print(f'  {coefficient:+.6f}  {os.path.basename(path)}  (σ_rel {record["std"]:g}, step {record["step"]})')
     data = _combine(sources, coefficients)
+    nonfinite = misc.first_nonfinite_tensor(data['ema'])
+    if nonfinite is not None:  # coefficients of an extreme σ_rel can overflow
+        raise click.BadParameter(f'{std:g}: the combined network\'s {nonfinite} is not finite', param_hint='--std')
     data['power_ema'] = dict(std=float(std), gamma=target_gamma, step=target_step, nimg=sources[-1][2]['nimg'],
                              sources=[os.path.basename(path) for path, _, _ in sources],
                              coefficients=[float(c) for c in coefficients])

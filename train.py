@@ -56,7 +56,7 @@ from training.precision import TRAINING_PRECISIONS  # noqa: E402
 @click.option('--tf32',         help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL',      type=bool, default=launch.DEFAULTS['tf32'], show_default=True)
 @click.option('--compile',      help='torch.compile the network', metavar='BOOL',                    type=bool, default=launch.DEFAULTS['compile'], show_default=True)
 @click.option('--cache',        help='Cache dataset in CPU memory', metavar='BOOL',                  type=bool, default=launch.DEFAULTS['cache'], show_default=True)
-@click.option('--workers',      help='DataLoader worker processes', metavar='INT',                   type=click.IntRange(min=0), default=launch.DEFAULTS['workers'], show_default=True)
+@click.option('--workers',      help='DataLoader worker processes', metavar='INT',                   type=click.IntRange(min=0, max=cli.MAX_WORKERS), default=launch.DEFAULTS['workers'], show_default=True)
 @click.option('--device',       help='Where to train (auto: cuda if present)',                       type=click.Choice(['auto', 'cpu', 'cuda']), default=launch.DEFAULTS['device'], show_default=True)
 # I/O-related.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR',          type=str)
@@ -84,6 +84,7 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200
     """
+    dnnlib.util.tolerate_undecodable_output()
     opts = dnnlib.EasyDict(kwargs)
     try:
         device = distributed.init(None if opts.device == 'auto' else opts.device)

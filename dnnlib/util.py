@@ -190,6 +190,14 @@ def open_url(url_or_path, cache_dir=None, cache=True, verbose=True, timeout_s=60
     return open(cache_path, 'rb')
 
 
+def tolerate_undecodable_output():
+    """Let stdout and stderr print text holding undecodable bytes (a path that is not UTF-8 reaches Python as
+    surrogates) with backslash escapes: most UTF-8 locales make stdout strict, and printing such a path would fail."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, 'errors', None) == 'strict' and hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
+
+
 class _Tee:
     """One stream's tee: everything written goes to the original stream and to the log file."""
 

@@ -61,6 +61,8 @@ class FiniteFloat(click.FloatRange):
         return value
 
 
+MAX_WORKERS = 1024  # DataLoader worker processes: more is a typo that would fork until the machine gives out
+
 # Seeds index the int64 arrays of `split_seeds`; a list longer than this is a typo, not a run (it would take gigabytes).
 MAX_SEED = 2**63 - 1
 MAX_NUM_SEEDS = 10**7
@@ -157,6 +159,17 @@ def guided_network(net, guidance, gnet_url, device):
 
 
 MAX_NUM_STEPS = 100_000  # more is a typo, not a sampler setting: each step is a network evaluation per image
+
+def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision=None):
+    """sampling.generate_images for one batch of seeds, with what extreme sampler options make it raise as one-line
+    errors: non-finite images, and an overflowing σ schedule (e.g. --rho 1e-300)."""
+    try:
+        return sampling.generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx, precision)
+    except sampling.NonFiniteImagesError as error:
+        raise click.ClickException(str(error)) from None
+    except ArithmeticError as error:
+        raise click.ClickException(f'the sampler options {sampler_kwargs} overflow ({error})') from None
+
 
 # The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
 SAMPLER_OPTIONS = [

@@ -257,6 +257,17 @@ def read_transfer(path, net):
         raise click.ClickException(f'--transfer={err}')
 
 
+def check_network_size(c, dataset):
+    """Refuse network options that a snapshot could not hold (checkpoints' limits) before anything is built:
+    --blocks=10**30 would otherwise build for ever, --cbase=10**6 allocate terabytes."""
+    kwargs = {key: value for key, value in c.network_kwargs.items() if key != 'class_name'}
+    kwargs.update(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    try:
+        checkpoints.check_constructor_arguments(dnnlib.util.get_obj_by_name(c.network_kwargs.class_name), (), kwargs)
+    except ValueError as err:
+        raise click.ClickException(f'cannot build the network: {err}')
+
+
 def dry_run_build(c, dataset):
     """Build the network, loss and augmentation pipe once, as the training loop will."""
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
@@ -300,6 +311,7 @@ def run(opts):
         if any(res not in resolutions for res in opts.attn):
             raise click.BadParameter(f'{",".join(map(str, opts.attn))}: the network has the resolutions '
                                      f'{",".join(map(str, resolutions))} (or give none)', param_hint='--attn')
+    check_network_size(c, dataset)
     if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
         c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 

@@ -448,5 +448,6 @@ def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=
         bad_seeds = [int(seed) for seed, ok in zip(seeds, finite.tolist()) if not ok]
         raise NonFiniteImagesError(f'the sampler produced NaN or infinite values for {len(bad_seeds)} of '
                                    f'{len(finite)} images (seeds {", ".join(map(str, bad_seeds[:5]))}'
-                                   f'{", ..." if len(bad_seeds) > 5 else ""})')
+                                   f'{", ..." if len(bad_seeds) > 5 else ""}); a network with non-finite weights or '
+                                   f'sampler options beyond its range?')
     return images_to_uint8(images)
