@@ -133,3 +133,18 @@ def test_sigkill_leaves_no_corrupt_file_and_resume_continues_from_the_newest_sta
     resumed = checkpoints.load_training_state(checkpoints.resolve_resume_path(str(tmp_path)))
     assert resumed['cur_nimg'] == steps * 4 and resumed['cur_step'] == newest['cur_step'] + 2
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')], seen  # the kill's leftovers removed
+
+
+def test_an_outdir_that_is_not_utf8_trains_and_logs(data, tmp_path):
+    """Linux paths are bytes; one that is not UTF-8 reaches Python as surrogates, which the log file could not encode
+    (a traceback once the run directory and its lock existed)."""
+    outdir = os.fsencode(tmp_path) + b'/run-\xff\xfe'
+    env = dict(os.environ, OMP_NUM_THREADS='1', LC_ALL='C.UTF-8')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'train.py'), *[os.fsencode(str(arg)) for arg in
+                             options(data, os.fsdecode(outdir), 1)]], cwd=REPO_ROOT, env=env, capture_output=True,
+                            timeout=EXIT_TIMEOUT_SEC)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert b'Traceback' not in result.stderr
+    log = (pathlib.Path(os.fsdecode(outdir)) / 'log.txt').read_text(encoding='utf-8')
+    assert 'run-\\udcff\\udcfe' in log and 'Exiting...' in log
+    assert os.path.exists(os.path.join(outdir, os.fsencode(checkpoints.snapshot_name(4, kimg_per_tick=0.004))))
