@@ -18,6 +18,7 @@ import torch.distributed
 import dnnlib
 from torch_utils import cpu_runtime
 from torch_utils import distributed
+from torch_utils import misc
 from training import augment
 from training import checkpoints
 from training import ema as power_ema
@@ -252,9 +253,13 @@ def find_auto_resume(outdir, desc, nosubdir):
 def read_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
     try:
-        return checkpoints.load_transfer(path, net, verbose=distributed.is_main())
+        data = checkpoints.load_transfer(path, net, verbose=distributed.is_main())
     except checkpoints.TrainingStateError as err:
         raise click.ClickException(f'--transfer={err}')
+    nonfinite = misc.first_nonfinite_tensor(data['ema'])
+    if nonfinite is not None:
+        raise click.ClickException(f'--transfer={path}: the network\'s {nonfinite} holds NaN or infinite values')
+    return data
 
 
 def check_network_size(c, dataset):
