@@ -122,14 +122,13 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     device, precision = cli.init_device(device, precision)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
 
-    def prepare_and_load():
-        if distributed.is_main():
-            prepare_outputs(outdir, grid_path, seeds, subdirs)
-        distributed.print0(f'Loading network from "{network_url}"...')
-        return cli.load_network(network_url, device)
-    net = cli.rank0_first(prepare_and_load)  # a URL is downloaded into the cache once
+    distributed.print0(f'Loading network from "{network_url}"...')
+    net = cli.rank0_first(lambda: cli.load_network(network_url, device))  # a URL is downloaded into the cache once
     cli.check_class_idx(class_idx, net)
     net = cli.guided_network(net, guidance, gnet_url, device)
+    if distributed.is_main():
+        prepare_outputs(outdir, grid_path, seeds, subdirs)
+    distributed.barrier()  # no rank writes before the stale temporaries are gone
 
     rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
