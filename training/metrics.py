@@ -336,8 +336,8 @@ def _shape_problem(name, shape, feature_dim, num_images):
         return None if len(shape) == 2 and shape[0] == shape[1] and dim_ok(shape[0]) else f'do not fit [D, D] with {limit}'
     if len(shape) != 2 or not dim_ok(shape[1]):
         return f'do not fit [N, {feature_dim}]' if feature_dim is not None else f'do not fit [N, D] with {limit}'
-    if num_images is not None and shape[0] != num_images:
-        return f'do not fit one row per image ({num_images}, num_images)'
+    if num_images is not None and shape[0] > num_images:
+        return f'do not fit at most one row per image ({num_images}, num_images)'
     return None
 
 
