@@ -161,7 +161,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     needs; bound its size with --num.
     """
     if os.path.isdir(dest_path) or not os.path.basename(dest_path):
-        raise click.BadParameter(f'{dest_path!r} is a folder; give the .npz file to write', param_hint='--dest')
+        raise click.BadParameter(f'{dest_path!r} names a folder, not the .npz file to write', param_hint='--dest')
     if dist.is_main():
         _check_writable(os.path.dirname(os.path.abspath(dest_path)), '--dest')
     device, _, detector_net = _init(device, detector)

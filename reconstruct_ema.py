@@ -84,7 +84,7 @@ def main(run_dir, std, kimg, dest):
     except (ValueError, ArithmeticError) as err:  # a tiny σ_rel overflows γ
         raise click.BadParameter(str(err), param_hint='--std') from None
     if os.path.isdir(dest) or not os.path.basename(dest):
-        raise click.BadParameter(f'{dest!r} is a folder; give the .pkl file to write', param_hint='--dest')
+        raise click.BadParameter(f'{dest!r} names a folder, not the .pkl file to write', param_hint='--dest')
     try:
         dnnlib.util.check_writable_folder(os.path.dirname(os.path.abspath(dest)))
     except OSError as err:

@@ -285,7 +285,7 @@ def test_reference_with_nan_statistics_is_an_error(setup, tmp_path, field):
 def test_ref_into_an_existing_folder_is_an_error_before_any_work(setup, monkeypatch):
     monkeypatch.setattr(fid, '_dataset_stats', lambda *args: pytest.fail('features computed before the check'))
     result = run_fid('ref', '--data', setup['reference_dir'], '--dest', setup['folder'], '--detector', setup['detector'])
-    assert_one_line_error(result, 'is a folder')
+    assert_one_line_error(result, 'names a folder')
 
 
 @pytest.mark.parametrize('ema', [(1, 2), None])

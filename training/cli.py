@@ -1,5 +1,6 @@
-"""What the command-line tools share: seed lists and their sharding over ranks, rank-0-first loading, the device
-and precision choice, the sampler options as one click decorator, and reading a network for sampling."""
+"""What the command-line tools share: the finite-float option type, seed lists and their sharding over ranks,
+rank-0-first loading, the device and precision choice, the sampler options as one click decorator, and reading a
+network for sampling (refusing non-finite weights) and sampling it (refusing non-finite images)."""
 
 import math
 import re
@@ -158,8 +159,6 @@ def guided_network(net, guidance, gnet_url, device):
         raise click.BadParameter(str(error), param_hint=error.option) from None
 
 
-MAX_NUM_STEPS = 100_000  # more is a typo, not a sampler setting: each step is a network evaluation per image
-
 def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision=None):
     """sampling.generate_images for one batch of seeds, with what extreme sampler options make it raise as one-line
     errors: non-finite images, and an overflowing σ schedule (e.g. --rho 1e-300)."""
@@ -170,6 +169,8 @@ def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=
     except ArithmeticError as error:
         raise click.ClickException(f'the sampler options {sampler_kwargs} overflow ({error})') from None
 
+
+MAX_NUM_STEPS = 100_000  # more is a typo, not a sampler setting: each step is a network evaluation per image
 
 # The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
 SAMPLER_OPTIONS = [

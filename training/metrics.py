@@ -312,6 +312,10 @@ MAX_COMPRESSION_RATIO = 32          # of a compressed features member: detector 
 # by the square of the features' range.
 MAX_FEATURE_MAGNITUDE = float(np.finfo(np.float32).max)
 SYMMETRY_TOLERANCE = 1e-6           # |Σ − Σᵀ| relative to max |Σ|: rounding of a sum of outer products is far below
+# The arrays a statistics file may hold, in reading order (counts bound the features), with their numpy dtype kinds.
+_STATISTICS_KINDS = dict(num_images='iu', resolution='iu', channels='iu', detector='U', mu='f', sigma='f', features='f')
+_SCALARS = ('num_images', 'resolution', 'channels', 'detector')
+_KIND_NAMES = {'iu': 'integers', 'U': 'a string', 'f': 'floating-point numbers'}
 
 
 def _npy_header(member, source, name):
@@ -326,7 +330,7 @@ def _npy_header(member, source, name):
 
 def _shape_problem(name, shape, feature_dim, num_images):
     """Why `shape` cannot be the statistics array `name`, or None when it can."""
-    if name in ('num_images', 'resolution', 'channels', 'detector'):
+    if name in _SCALARS:
         return None if shape == () else 'do not fit a scalar'
     limit = f'D = {feature_dim}' if feature_dim is not None else f'D ≤ {MAX_FEATURE_DIM}'
     dim_ok = lambda d: d >= 1 and (d == feature_dim if feature_dim is not None else d <= MAX_FEATURE_DIM)
@@ -345,15 +349,13 @@ def _read_member(archive, info, source, name, feature_dim, num_images):
     """One array of an .npz, its declared shape, type and size checked before its data is inflated."""
     with archive.open(info) as member:
         shape, fortran_order, dtype = _npy_header(member, source, name)
-        if dtype.hasobject or dtype.kind not in ('U' if name == 'detector' else 'iu' if name in
-                                                 ('num_images', 'resolution', 'channels') else 'f'):
-            raise StatisticsError(f'{source}: {name} is a {dtype} array; expected '
-                                  f'{"a string" if name == "detector" else "integers" if name in ("num_images", "resolution", "channels") else "floating-point numbers"}')
+        if dtype.hasobject or dtype.kind not in _STATISTICS_KINDS[name]:
+            raise StatisticsError(f'{source}: {name} is a {dtype} array; expected {_KIND_NAMES[_STATISTICS_KINDS[name]]}')
         problem = _shape_problem(name, shape, feature_dim, num_images)
         if problem is not None:
             raise StatisticsError(f'{source}: {name} {list(shape)} {problem}')
         num_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if name in ('num_images', 'resolution', 'channels', 'detector') and num_bytes > MAX_SCALAR_BYTES:
+        if name in _SCALARS and num_bytes > MAX_SCALAR_BYTES:
             raise StatisticsError(f'{source}: {name} declares {num_bytes:,} bytes')
         if info.file_size != member.tell() + num_bytes:  # the zip record bounds what zipfile inflates
             raise StatisticsError(f'{source}: {name} declares {list(shape)} {dtype} ({num_bytes:,} bytes) but its '
@@ -402,26 +404,22 @@ def load_statistics(f, source, feature_dim=None):
     a non-symmetric covariance or one with negative variances, ...) are refused: StatisticsError naming the file.
     """
     try:
-        archive = zipfile.ZipFile(f)
-        members = {info.filename[:-len('.npy')]: info for info in archive.infolist() if info.filename.endswith('.npy')}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise StatisticsError(f'{source}: not a readable .npz file ({_one_line(e)})') from None
-    missing = [key for key in ('mu', 'sigma') if key not in members]
-    if missing:
-        raise StatisticsError(f'{source}: missing {" and ".join(missing)}; FID statistics need mu and sigma')
-    contents = {}
-    try:
-        for name in ('num_images', 'resolution', 'channels', 'detector', 'mu', 'sigma', 'features'):
-            if name in members:
-                num_images = contents['num_images'] if 'num_images' in contents else None
-                dim = feature_dim if name == 'mu' else len(contents['mu']) if 'mu' in contents else feature_dim
-                contents[name] = _read_member(archive, members[name], source, name, dim,
-                                              None if num_images is None else int(num_images))
-                if name in ('num_images', 'resolution', 'channels') and contents[name] < 0:
-                    raise StatisticsError(f'{source}: {name} is not a non-negative integer')
+        with zipfile.ZipFile(f) as archive:
+            members = {info.filename[:-len('.npy')]: info for info in archive.infolist() if info.filename.endswith('.npy')}
+            missing = [key for key in ('mu', 'sigma') if key not in members]
+            if missing:
+                raise StatisticsError(f'{source}: missing {" and ".join(missing)}; FID statistics need mu and sigma')
+            contents = {}
+            for name in _STATISTICS_KINDS:
+                if name in members:
+                    dim = len(contents['mu']) if name != 'mu' and 'mu' in contents else feature_dim
+                    num_images = int(contents['num_images']) if 'num_images' in contents else None
+                    contents[name] = _read_member(archive, members[name], source, name, dim, num_images)
+                    if name in ('num_images', 'resolution', 'channels') and contents[name] < 0:
+                        raise StatisticsError(f'{source}: {name} is not a non-negative integer')
+    except StatisticsError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
-        if isinstance(e, StatisticsError):
-            raise
         raise StatisticsError(f'{source}: not a readable .npz file ({_one_line(e)})') from None
     mu = contents['mu'].astype(np.float64, copy=False)
     sigma = contents['sigma'].astype(np.float64, copy=False)
