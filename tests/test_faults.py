@@ -12,6 +12,7 @@ import time
 import zipfile
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import train
@@ -148,3 +149,18 @@ def test_an_outdir_that_is_not_utf8_trains_and_logs(data, tmp_path):
     log = (pathlib.Path(os.fsdecode(outdir)) / 'log.txt').read_text(encoding='utf-8')
     assert 'run-\\udcff\\udcfe' in log and 'Exiting...' in log
     assert os.path.exists(os.path.join(outdir, os.fsencode(checkpoints.snapshot_name(4, kimg_per_tick=0.004))))
+
+
+def test_transfer_from_a_network_holding_nan_is_one_line(data, tmp_path):
+    result = CliRunner().invoke(train.main, options(data, tmp_path / 'first', 1))
+    assert result.exit_code == 0, result.output
+    snapshot = checkpoints.load_network_pickle(tmp_path / 'first' / checkpoints.snapshot_name(4, kimg_per_tick=0.004))
+    name, param = next(iter(snapshot['ema'].named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float('nan')
+    checkpoints.save_network_pickle(tmp_path / 'nan.pkl', snapshot)
+    result = CliRunner().invoke(train.main, options(data, tmp_path / 'second', 1, f'--transfer={tmp_path / "nan.pkl"}',
+                                                    '--dry-run'))
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and name in errors[0] and 'NaN or infinite' in errors[0], result.output
