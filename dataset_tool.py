@@ -51,6 +51,7 @@ GRAYSCALE_MODES = frozenset(['1', 'L', 'LA'])
 WIDE_GRAYSCALE_MODES = frozenset(['I', 'I;16', 'I;16L', 'I;16B', 'I;16N'])  # 16-bit PNGs and TIFFs; 'I' holds int32
 MAX_MEMBER_BYTES = 1 << 29  # an image or dataset.json in a source ZIP; a small ZIP can declare gigabytes of zeros
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times make the archive reproducible byte for byte
+MAX_RESOLUTION = 1 << 14  # an RGB image of 16384² takes 800 MB; a larger --resolution is a typo
 MNIST_PAD_PIXELS = 2  # 28x28 -> 32x32, as EDM and StyleGAN2-ADA do
 
 SOURCE_TYPES_HINT = ('a folder of images, a .zip of images, cifar-10-python.tar.gz, '
@@ -278,8 +279,10 @@ def assign_labels(names, dataset_json, dataset_json_name):
                                            f'expected a class number')
         return [table[name] for name in names], 'from dataset.json'
     folders = [name.split('/')[-2] if '/' in name else None for name in names]
+    if None in folders:  # images at the top level have no class folder, so none has a label
+        return [None] * len(names), 'none (some images are not in class folders)'
     classes = sorted(set(folders))
-    if None in folders or len(classes) < 2 or all(folder.isdigit() for folder in classes):
+    if len(classes) < 2 or all(folder.isdigit() for folder in classes):
         return [None] * len(names), 'none'
     index = {folder: i for i, folder in enumerate(classes)}
     note = 'from folder names: ' + ', '.join(f'{folder}={i}' for folder, i in index.items())
@@ -338,6 +341,8 @@ def open_source(path):
     if os.path.isdir(path):
         mnist_images = find_mnist_images(path)
         return open_mnist(mnist_images) if mnist_images else open_image_folder(path)
+    if not os.path.isfile(path):  # a named pipe would block the reading forever, a device never end
+        raise click.ClickException(f'--source: {path} is neither a folder nor a regular file')
     name = os.path.basename(path).lower()
     if name.endswith(('.tar.gz', '.tgz')):
         return open_cifar10(path)
@@ -351,42 +356,60 @@ def open_source(path):
 # Destination.
 
 def check_destination(dest):
+    """Refuse a --dest that exists (a ZIP) or is not an empty folder, or whose folder cannot take files, before reading
+    any source."""
+    if not dest or not os.path.basename(os.path.normpath(dest)):
+        raise click.ClickException(f'--dest: {dest!r} names no file or folder')
     if dest.lower().endswith('.zip'):
-        if os.path.exists(dest):
+        if os.path.lexists(dest):
             raise click.ClickException(f'--dest: {dest} already exists; remove it or choose another name')
-    elif os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+    elif os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise click.ClickException(f'--dest: {dest} exists and is not an empty folder')
+    try:
+        dnnlib.util.check_writable_folder(os.path.dirname(os.path.abspath(dest)))
+    except OSError as error:
+        raise click.ClickException(f'--dest: cannot write to {error.filename or dest}: {error.strerror or error}') from None
+
+
+@contextlib.contextmanager
+def writing(dest):
+    """OSErrors of writing the dataset (disk full, ...) as one line naming --dest."""
+    try:
+        yield
+    except OSError as error:
+        raise click.ClickException(f'--dest: cannot write {dest}: {error.strerror or error}') from None
 
 
 @contextlib.contextmanager
 def open_destination(dest):
     """Yield save(archive_name, data); the dataset appears at `dest` only once the block completes."""
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    if dest.lower().endswith('.zip'):
-        with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+    with writing(dest):
+        parent = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(parent, exist_ok=True)
+        if dest.lower().endswith('.zip'):
+            with dnnlib.util.atomic_write(dest, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive:
+                def save(name, data):
+                    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+                    info.external_attr = 0o644 << 16
+                    archive.writestr(info, data)
+                yield save
+            os.chmod(dest, 0o644)  # the temporary file was private
+            return
+        staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
+        try:
             def save(name, data):
-                info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, data)
+                target = os.path.join(staging, name)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, 'wb') as f:
+                    f.write(data)
             yield save
-        os.chmod(dest, 0o644)  # the temporary file was private
-        return
-    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp')
-    try:
-        def save(name, data):
-            target = os.path.join(staging, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, 'wb') as f:
-                f.write(data)
-        yield save
-        os.chmod(staging, 0o755)
-        if os.path.isdir(dest):
-            os.rmdir(dest)  # checked empty before the conversion started
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            os.chmod(staging, 0o755)
+            if os.path.isdir(dest):
+                os.rmdir(dest)  # checked empty before the conversion started
+            os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 # Command line.
@@ -420,6 +443,8 @@ def check_target(resolution, transform):
     if not dnnlib.util.is_power_of_two(width):
         raise click.BadParameter(f'{width}x{height}: the output size must be a power of two',
                                  param_hint='--resolution')
+    if width > MAX_RESOLUTION:
+        raise click.BadParameter(f'{width}x{height}: at most {MAX_RESOLUTION}x{MAX_RESOLUTION}', param_hint='--resolution')
 
 
 def check_image(name, image, reference_shape):
@@ -454,6 +479,7 @@ def check_image(name, image, reference_shape):
 @click.option('--compress-level', type=click.IntRange(0, 9), default=0, show_default=True,
               help='zlib level of the PNG files: 0 is fastest to read, 9 gives the smallest archive')
 def main(source, dest, max_images, max_per_class, transform, resolution, skip_bad, compress_level):
+    dnnlib.util.tolerate_undecodable_output()
     check_target(resolution, transform)
     check_destination(dest)
     source_data = open_source(source)

@@ -40,6 +40,8 @@ def _feature_stats(detector, batches_of_images, num_batches, device, desc, keep_
         stats = metrics.feature_statistics(detector, batches, device, keep_features)
     except dataset.DatasetError as e:  # from a DataLoader worker the message carries its traceback; keep the last line
         raise click.ClickException(str(e).strip().splitlines()[-1]) from None
+    finally:
+        progress.close()  # an error line then starts a line of its own
     return stats.all_reduce()
 
 
@@ -81,8 +83,8 @@ def _network_stats(detector, network_pkl, seeds, class_idx, precision, guidance,
     def images():
         for batch in batches:
             try:
-                yield batch, sampling.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
-                                                      class_idx, precision)
+                yield batch, cli.generate_images(net, [seeds[i] for i in batch], sampler_name, sampler_kwargs, device,
+                                                 class_idx, precision)
             except ValueError as e:
                 raise click.ClickException(f'--network {network_pkl}: {e}') from None
     return _feature_stats(detector, images(), len(batches), device, 'generate+features', keep_features)
@@ -100,6 +102,13 @@ def _load_reference(ref_path):
         raise click.BadParameter(str(e), param_hint='--ref') from None
 
 
+def _check_writable(folder, option):
+    try:
+        dnnlib.util.check_writable_folder(folder)
+    except OSError as e:
+        raise click.BadParameter(f'cannot write to {e.filename or folder}: {e.strerror or e}', param_hint=option) from None
+
+
 @click.group()
 def main():
     """Fréchet Inception Distance: reference statistics (`ref`) and FID against them (`calc`).
@@ -111,11 +120,12 @@ def main():
 
     Under torchrun, write `--` before fid.py when giving --num (torchrun takes it for its --numa-binding).
     """
+    dnnlib.util.tolerate_undecodable_output()
 
 
 def _common_options(fn):
     fn = click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))(fn)
-    fn = click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0),
+    fn = click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0, max=cli.MAX_WORKERS),
                       default=2, show_default=True)(fn)
     fn = click.option('--batch', 'max_batch_size', help='Images per batch and process', metavar='INT',
                       type=click.IntRange(min=1), default=64, show_default=True)(fn)
@@ -136,7 +146,7 @@ def _init(device, detector, precision=None):
 @main.command()
 @click.option('--data', 'data_path',     help='Dataset ZIP or folder', metavar='ZIP|DIR',             type=str, required=True)
 @click.option('--dest', 'dest_path',     help='Statistics file to write', metavar='NPZ',               type=str, required=True)
-@click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', 'num_images',     help='Use a random subset of this many images [default: all]', metavar='INT', type=click.IntRange(min=2, max=cli.MAX_NUM_SEEDS))
 @click.option('--seed',                  help='Seed of the subset', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--features', 'features_dtype', help='Also store the features of these images (for KID, precision/recall)  [default: off; float32 when given without a value]',
               type=click.Choice(list(metrics.FEATURE_DTYPES)), is_flag=False, flag_value='float32')
@@ -147,8 +157,10 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     With --features the file also holds the feature matrix of the same images, which `calc --metrics=kid,pr`
     needs; bound its size with --num.
     """
-    if os.path.isdir(dest_path):
-        raise click.BadParameter(f'{dest_path} is a folder; give the .npz file to write', param_hint='--dest')
+    if os.path.isdir(dest_path) or not os.path.basename(dest_path):
+        raise click.BadParameter(f'{dest_path!r} names a folder, not the .npz file to write', param_hint='--dest')
+    if dist.is_main():
+        _check_writable(os.path.dirname(os.path.abspath(dest_path)), '--dest')
     device, _, detector_net = _init(device, detector)
     dist.print0(f'Detector: {detector_net.identity}')
     stats, image_shape = _dataset_stats(detector_net, data_path, num_images, seed, max_batch_size, workers, device, '--data',
@@ -158,10 +170,12 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
     except metrics.StatisticsError as e:
         raise click.BadParameter(f'{data_path}: {e}', param_hint='--data') from None
     if dist.is_main():
-        os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
         features = stats.features() if features_dtype is not None else None
-        metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features, features_dtype or 'float32',
-                                image_shape)
+        try:
+            metrics.save_statistics(dest_path, mu, sigma, detector_net.identity, stats.num, features,
+                                    features_dtype or 'float32', image_shape)
+        except OSError as e:
+            raise click.ClickException(f'--dest: cannot write {dest_path}: {e.strerror or e}') from None
         print(f'Saved statistics{" and " + features_dtype + " features" if features is not None else ""} of '
               f'{stats.num} images to {dest_path}')
     dist.barrier()
@@ -172,7 +186,7 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
 @click.option('--images', 'image_path',  help='Images to evaluate: ZIP or folder', metavar='ZIP|DIR', type=str)
 @click.option('--network', 'network_pkl', help='Or generate them from this network file (pickle or safetensors)', metavar='PKL|URL', type=str)
 @click.option('--ref', 'ref_path',       help='Reference statistics', metavar='NPZ|URL',               type=str, required=True)
-@click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--num', 'num_images',     help='Number of images [default: 50000, or the number of --seeds]', metavar='INT', type=click.IntRange(min=2, max=cli.MAX_NUM_SEEDS))
 @click.option('--seed',                  help='Seed of the subset drawn when --images holds more', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--metrics', 'metric_list', help='Comma-separated: fid, kid (x1e3, ± standard error), pr (precision, recall)', metavar='LIST',
               type=str, default='fid', show_default=True)
@@ -200,8 +214,10 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
     if seeds is not None and num_images is not None and num_images != len(seeds):
         raise click.BadParameter(f'--seeds lists {len(seeds)} seeds but --num={num_images}', param_hint='--num')
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
-    seeds = seeds if seeds is not None else list(range(num_images))
     if network_pkl is not None:
+        seeds = seeds if seeds is not None else list(range(num_images))
+        if len(seeds) < 2:
+            raise click.BadParameter(f'{len(seeds)} seed: a covariance needs at least 2 images', param_hint='--seeds')
         sampler_name, sampler_kwargs = cli.sampler_from_options(sampler_options)
 
     device, precision, detector_net = _init(device, detector, precision)
@@ -228,7 +244,10 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
                                  f'{stats.feature_dim}', param_hint='--ref')
     results = None
     if dist.is_main():
-        results = feature_metrics.evaluate(metric_names, stats, reference, device)
+        try:
+            results = feature_metrics.evaluate(metric_names, stats, reference, device)
+        except ValueError as e:  # StatisticsError and the metrics' own preconditions (more features than k for pr, ...)
+            raise click.ClickException(f'--metrics={metric_list}: {e}') from None
         if metric_names == ['fid']:
             print(f'FID of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
                   f'detector {detector_net.identity}:')

@@ -34,6 +34,32 @@ def save_png(path, image_hwc):
         pil_image.save(f, format='PNG')
 
 
+def prepare_outputs(outdir, grid_path, seeds, subdirs):
+    """Check that every output folder takes files before sampling starts, and remove the temporaries of the files this
+    run writes that a killed run left (rank 0, before any rank writes)."""
+    folders = {}  # folder → names of the files written there
+    for seed in seeds if outdir is not None else []:
+        folder, name = os.path.split(image_path(outdir, seed, subdirs))
+        folders.setdefault(folder, []).append(name)
+    if grid_path is not None:
+        folders.setdefault(os.path.dirname(os.path.abspath(grid_path)), []).append(os.path.basename(grid_path))
+    for folder, names in folders.items():
+        try:
+            dnnlib.util.check_writable_folder(folder)
+            dnnlib.util.remove_stale_temporaries(folder, names)
+        except OSError as error:
+            raise click.ClickException(f'cannot write to {error.filename or folder}: {error.strerror or error}') from None
+
+
+def write_png(path, image_hwc):
+    """save_png, with the folder made first and any OSError (disk full, ...) one line naming the file."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_png(path, image_hwc)
+    except OSError as error:
+        raise click.ClickException(f'cannot write {path}: {error.strerror or error}') from None
+
+
 def tile_grid(images_hwc):
     """Images in a near-square grid, row by row; unfilled cells stay black."""
     num_columns = math.ceil(math.sqrt(len(images_hwc)))
@@ -78,8 +104,13 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     torchrun --standalone --nproc_per_node=8 generate.py --outdir=fid --seeds=0-49999 --subdirs \\
         --solver=dpm --network=network-snapshot-200000.pkl
     """
+    dnnlib.util.tolerate_undecodable_output()
     if outdir is None and grid_path is None:
         raise click.ClickException('nothing to write: give --outdir, --grid, or both')
+    if outdir == '':
+        raise click.BadParameter('an empty path names no folder', param_hint='--outdir')
+    if grid_path is not None and not os.path.basename(grid_path):
+        raise click.BadParameter(f'{grid_path!r} names no file', param_hint='--grid')
     if outdir is not None and os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
     if grid_path is not None and os.path.isdir(grid_path):
@@ -92,32 +123,31 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     net = cli.rank0_first(lambda: cli.load_network(network_url, device))  # a URL is downloaded into the cache once
     cli.check_class_idx(class_idx, net)
     net = cli.guided_network(net, guidance, gnet_url, device)
+    if distributed.is_main():
+        prepare_outputs(outdir, grid_path, seeds, subdirs)
+    distributed.barrier()  # no rank writes before the stale temporaries are gone
 
     rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
         f'on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}
-    progress = tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0)
-    for round_index, batch_seeds in enumerate(rank_batches):
-        if len(batch_seeds):
-            images = sampling.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx, precision)
-            images_hwc = images.permute(0, 2, 3, 1).cpu().numpy()
-            for seed, image in zip(batch_seeds.tolist(), images_hwc):
-                if outdir is not None:
-                    path = image_path(outdir, seed, subdirs)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    save_png(path, image)
-                if grid_path is not None:
-                    keep_for_grid[seed] = image
-        # The batches of this round on all ranks, counted here so rank 0 shows the total images/s.
-        progress.update(sum(len(b) for b in all_batches[round_index * world_size:(round_index + 1) * world_size]))
-    progress.close()
+    with tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0) as progress:  # closed first: an error gets its own line
+        for round_index, batch_seeds in enumerate(rank_batches):
+            if len(batch_seeds):
+                images = cli.generate_images(net, batch_seeds.tolist(), sampler_name, sampler_options, device, class_idx,
+                                             precision)
+                for seed, image in zip(batch_seeds.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
+                    if outdir is not None:
+                        write_png(image_path(outdir, seed, subdirs), image)
+                    if grid_path is not None:
+                        keep_for_grid[seed] = image
+            # The batches of this round on all ranks, counted here so rank 0 shows the total images/s.
+            progress.update(sum(len(b) for b in all_batches[round_index * world_size:(round_index + 1) * world_size]))
 
     if grid_path is not None:
         all_images = gather_to_main(keep_for_grid)
         if all_images is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
-            save_png(grid_path, tile_grid([all_images[seed] for seed in seeds]))
+            write_png(grid_path, tile_grid([all_images[seed] for seed in seeds]))
     distributed.barrier()
     distributed.print0('Done.')
     distributed.shutdown()

@@ -34,38 +34,38 @@ _FDM_MULTIPLIER_DEFAULTS = ', '.join(f'{recipes.fdm_multiplier_default(precond):
 @click.option('--preset',       help='A published recipe: its options (those given here override them)', type=click.Choice(list(recipes.PRESETS)))
 @click.option('--precond',      help='Preconditioning & loss function',                              type=click.Choice(sorted(recipes.RECIPES)), default=launch.DEFAULTS['precond'], show_default=True)
 # Hyperparameters.
-@click.option('--duration',     help='Training duration', metavar='MIMG',                            type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['duration'], show_default=True)
+@click.option('--duration',     help='Training duration', metavar='MIMG',                            type=cli.FiniteFloat(min=0, min_open=True), default=launch.DEFAULTS['duration'], show_default=True)
 @click.option('--batch',        help='Total batch size', metavar='INT',                              type=click.IntRange(min=1), default=launch.DEFAULTS['batch'], show_default=True)
 @click.option('--batch-gpu',    help='Limit batch size per GPU', metavar='INT',                      type=click.IntRange(min=1))
 @click.option('--cbase',        help='Channel multiplier  [default: varies]', metavar='INT',         type=click.IntRange(min=1))
 @click.option('--cres',         help='Channels per resolution  [default: varies]', metavar='LIST',   type=cli.parse_int_list)
 @click.option('--blocks',       help='Residual blocks per resolution  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--attn',         help='Resolutions with self-attention, or none  [default: varies]', metavar='LIST', type=cli.parse_resolution_list)
-@click.option('--lr',           help='Learning rate', metavar='FLOAT',                               type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['lr'], show_default=True)
-@click.option('--lr_rampup',    help='Learning rate ramp-up duration', metavar='MIMG',               type=click.FloatRange(min=0), default=launch.DEFAULTS['lr_rampup'], show_default=True)
-@click.option('--ema',          help='EMA half-life', metavar='MIMG',                                type=click.FloatRange(min=0), default=launch.DEFAULTS['ema'], show_default=True)
+@click.option('--lr',           help='Learning rate', metavar='FLOAT',                               type=cli.FiniteFloat(min=0, min_open=True), default=launch.DEFAULTS['lr'], show_default=True)
+@click.option('--lr_rampup',    help='Learning rate ramp-up duration', metavar='MIMG',               type=cli.FiniteFloat(min=0), default=launch.DEFAULTS['lr_rampup'], show_default=True)
+@click.option('--ema',          help='EMA half-life', metavar='MIMG',                                type=cli.FiniteFloat(min=0), default=launch.DEFAULTS['ema'], show_default=True)
 @click.option('--ema_profiles', help='Power-function EMA profiles for post-hoc EMA (σ_rel list)  [default: none]', metavar='LIST', type=str)
-@click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                         type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['dropout'], show_default=True)
-@click.option('--label_dropout', help='Probability of training without the class label (for --guidance)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['label_dropout'], show_default=True)
-@click.option('--augment',      help='Augment probability', metavar='FLOAT',                         type=click.FloatRange(min=0, max=1), default=launch.DEFAULTS['augment'], show_default=True)
+@click.option('--dropout',      help='Dropout probability', metavar='FLOAT',                         type=cli.FiniteFloat(min=0, max=1), default=launch.DEFAULTS['dropout'], show_default=True)
+@click.option('--label_dropout', help='Probability of training without the class label (for --guidance)', metavar='FLOAT', type=cli.FiniteFloat(min=0, max=1), default=launch.DEFAULTS['label_dropout'], show_default=True)
+@click.option('--augment',      help='Augment probability', metavar='FLOAT',                         type=cli.FiniteFloat(min=0, max=1), default=launch.DEFAULTS['augment'], show_default=True)
 @click.option('--xflip',        help='Enable dataset x-flips', metavar='BOOL',                       type=bool, default=launch.DEFAULTS['xflip'], show_default=True)
 @click.option('--warmup_ite',   help='FDM loss-weight warm-up length (optimizer steps)', metavar='INT', type=click.IntRange(min=1))
 @click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier',
-                                help=f'FDM multiplier m  [default: {_FDM_MULTIPLIER_DEFAULTS}]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+                                help=f'FDM multiplier m  [default: {_FDM_MULTIPLIER_DEFAULTS}]', metavar='FLOAT', type=cli.FiniteFloat(min=0, min_open=True))
 # Performance-related.
 @click.option('--fp16',         help='Run the network in float16 on CUDA', metavar='BOOL',           type=bool, default=launch.DEFAULTS['fp16'], show_default=True)
 @click.option('--precision',    help='Arithmetic: fp16 = --fp16, bf16 = bfloat16 autocast  [default: fp32]', type=click.Choice(TRAINING_PRECISIONS))
-@click.option('--ls',           help='Loss scaling', metavar='FLOAT',                                type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['ls'], show_default=True)
+@click.option('--ls',           help='Loss scaling', metavar='FLOAT',                                type=cli.FiniteFloat(min=0, min_open=True), default=launch.DEFAULTS['ls'], show_default=True)
 @click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                    type=bool, default=launch.DEFAULTS['bench'], show_default=True)
 @click.option('--tf32',         help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL',      type=bool, default=launch.DEFAULTS['tf32'], show_default=True)
 @click.option('--compile',      help='torch.compile the network', metavar='BOOL',                    type=bool, default=launch.DEFAULTS['compile'], show_default=True)
 @click.option('--cache',        help='Cache dataset in CPU memory', metavar='BOOL',                  type=bool, default=launch.DEFAULTS['cache'], show_default=True)
-@click.option('--workers',      help='DataLoader worker processes', metavar='INT',                   type=click.IntRange(min=0), default=launch.DEFAULTS['workers'], show_default=True)
+@click.option('--workers',      help='DataLoader worker processes', metavar='INT',                   type=click.IntRange(min=0, max=cli.MAX_WORKERS), default=launch.DEFAULTS['workers'], show_default=True)
 @click.option('--device',       help='Where to train (auto: cuda if present)',                       type=click.Choice(['auto', 'cpu', 'cuda']), default=launch.DEFAULTS['device'], show_default=True)
 # I/O-related.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR',          type=str)
 @click.option('--nosubdir',     help='Do not create a subdirectory for results',                     is_flag=True)
-@click.option('--tick',         help='How often to print progress', metavar='KIMG',                  type=click.FloatRange(min=0, min_open=True), default=launch.DEFAULTS['tick'], show_default=True)
+@click.option('--tick',         help='How often to print progress', metavar='KIMG',                  type=cli.FiniteFloat(min=0, min_open=True), default=launch.DEFAULTS['tick'], show_default=True)
 @click.option('--snap',         help='How often to save snapshots (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['snap'], show_default=True)
 @click.option('--format',       help='Files of snapshots and power-EMA profiles', type=click.Choice(checkpoints.FORMATS), default=launch.DEFAULTS['format'], show_default=True)
 @click.option('--dump',         help='How often to dump training state (0 = only at the end)', metavar='TICKS', type=click.IntRange(min=0), default=launch.DEFAULTS['dump'], show_default=True)
@@ -90,6 +90,7 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200
     """
+    dnnlib.util.tolerate_undecodable_output()
     if kwargs['preset'] is not None:
         ctx = click.get_current_context()
         given = {name for name in kwargs if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}

@@ -1,12 +1,14 @@
 """Small utilities shared by the scripts: attribute dicts, atomic writes, classes by name, URLs, log tee."""
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import io
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import urllib.error
@@ -48,6 +50,48 @@ def atomic_write(path, mode='wb'):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+        raise
+
+
+# atomic_write's temporaries: '.' + target name + '.' + mkstemp's 8 random characters + '.tmp'.
+_TEMPORARY_RE = re.compile(r'\.(.+)\.[a-z0-9_]{8}\.tmp')
+
+
+def remove_stale_temporaries(folder, names):
+    """Remove atomic_write's temporaries of the files `names` in `folder` (a killed writer leaves them); returns how
+    many. Call it before writing those files: a temporary of a file about to be rewritten serves no one."""
+    names = set(names)
+    removed = 0
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _TEMPORARY_RE.fullmatch(entry)
+        if match is not None and match.group(1) in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+                removed += 1
+    return removed
+
+
+def check_writable_folder(folder):
+    """Create `folder` if needed and create and remove a file in it, so that an output that cannot be written fails
+    before the work that would fill it (OSError naming the path)."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test.', suffix='.tmp')
+    os.close(fd)
+    os.remove(probe)
+
+
+def open_regular_file(path):
+    """Open `path` for binary reading only if it is a regular file (or a link to one): opening a named pipe would wait
+    for a writer forever and a device such as /dev/zero never ends, so both are an OSError naming the path."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))  # O_NONBLOCK: opening a FIFO returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file', path)
+        if hasattr(os, 'set_blocking'):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
         raise
 
 
@@ -118,12 +162,12 @@ def open_url(url_or_path, cache_dir=None, cache=True, verbose=True, timeout_s=60
     """
     url_or_path = os.fspath(url_or_path)
     if '://' not in url_or_path:
-        return open(url_or_path, 'rb')
+        return open_regular_file(url_or_path)
     parsed = urllib.parse.urlparse(url_or_path)
     if parsed.scheme == 'file':
         if parsed.netloc not in ('', 'localhost'):
             raise ValueError(f'file URL with a remote host is not supported: {url_or_path}')
-        return open(urllib.request.url2pathname(parsed.path), 'rb')
+        return open_regular_file(urllib.request.url2pathname(parsed.path))
     if parsed.scheme not in ('http', 'https'):
         raise ValueError(f'unsupported URL scheme {parsed.scheme!r}: {url_or_path}')
 
@@ -144,6 +188,14 @@ def open_url(url_or_path, cache_dir=None, cache=True, verbose=True, timeout_s=60
         if verbose:
             print(' done', flush=True)
     return open(cache_path, 'rb')
+
+
+def tolerate_undecodable_output():
+    """Let stdout and stderr print text holding undecodable bytes (a path that is not UTF-8 reaches Python as
+    surrogates) with backslash escapes: most UTF-8 locales make stdout strict, and printing such a path would fail."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, 'errors', None) == 'strict' and hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
 
 
 class _Tee:
@@ -182,7 +234,8 @@ class Logger:
         file_mode       = 'a',      # 'a' appends to an existing log (resumed runs), 'w' starts afresh.
         should_flush    = True,     # Flush after every write, so the log is complete if the run dies.
     ):
-        self.file = open(file_name, file_mode, encoding='utf-8') if file_name is not None else None
+        # backslashreplace: a path that is not UTF-8 (bytes kept as surrogates) is logged, not fatal to the run.
+        self.file = open(file_name, file_mode, encoding='utf-8', errors='backslashreplace') if file_name is not None else None
         self.stdout = _Tee(sys.stdout, self.file, should_flush)
         self.stderr = _Tee(sys.stderr, self.file, should_flush)
         sys.stdout = self.stdout

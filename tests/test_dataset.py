@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -234,3 +236,40 @@ def test_bundled_fashion_mnist_subset():
     image, label = ds[0]
     assert image.shape == (1, 32, 32) and label.sum() == 1
     assert not image[:, :2].any() and not image[:, -2:].any() and image.max() > 0  # padded 28x28
+
+
+# Labels that would size the network, and files that are not regular files (issue 22).
+
+
+@pytest.mark.parametrize('huge_id', [999_999, 10**30])
+def test_a_stray_huge_class_id_is_refused_naming_dataset_json(tmp_path, images, huge_id):
+    path = write_dataset(tmp_path / 'data.zip', images, [0, 1, 2, 0, 1, huge_id])
+    with pytest.raises(DatasetError, match='dataset.json: class ids go up to') as error:
+        ImageFolderDataset(path, use_labels=True)
+    assert str(path) in str(error.value)
+
+
+def test_sparse_class_ids_below_a_thousand_are_kept(tmp_path, images):
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'data.zip', images, [3, 3, 7, 7, 999, 3]), use_labels=True)
+    assert ds.label_dim == 1000 and ds.get_label(4)[999] == 1
+
+
+def test_half_the_ids_used_is_enough_above_a_thousand(tmp_path):
+    many = np.zeros([1100, 1, 1, 1], dtype=np.uint8)
+    labels = list(range(0, 2200, 2))  # 1100 of the ids 0..2198
+    assert ImageFolderDataset(write_dataset(tmp_path / 'data.zip', many, labels), use_labels=True).label_dim == 2199
+
+
+OPEN_FOLDER = '''
+import sys
+from training.dataset import ImageFolderDataset
+print(len(ImageFolderDataset(sys.argv[1])))
+'''
+
+
+def test_a_named_pipe_called_like_an_image_is_not_read(tmp_path, images):
+    path = write_dataset(tmp_path / 'data', images, LABELS)
+    os.mkfifo(path / '00000' / 'img99999999.png')  # opening it would wait for a writer for ever
+    result = subprocess.run([sys.executable, '-c', OPEN_FOLDER, str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert result.returncode == 0 and result.stdout.split() == [str(len(images))], result.stderr

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import resource
 import struct
 import tarfile
 import zipfile
@@ -398,3 +399,43 @@ def test_zip_member_declaring_gigabytes_is_refused_before_reading(tmp_path):
     source.write_bytes(bytes(data))
     assert len(data) < 10_000
     assert_one_line_error(run_tool('--source', source, '--dest', tmp_path / 'o.zip'), 'big.png', '3,000,000,000 bytes')
+
+
+# Sources that are not regular files, destinations that cannot be written, mixed folders (issue 22).
+
+
+@pytest.mark.parametrize('name', ['source.zip', 'train-images-idx3-ubyte', 'cifar-10-python.tar.gz'])
+def test_a_named_pipe_source_is_refused_without_opening_it(tmp_path, name):
+    os.mkfifo(tmp_path / name)  # opening it for reading would wait for a writer for ever
+    assert_one_line_error(run_tool('--source', tmp_path / name, '--dest', tmp_path / 'out.zip'),
+                          'neither a folder nor a regular file')
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_a_destination_under_a_file_is_one_line_before_reading(tmp_path, dest_name):
+    write_class_folders(tmp_path / 'src')
+    (tmp_path / 'file').write_bytes(b'')
+    assert_one_line_error(run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'file' / dest_name), '--dest',
+                          str(tmp_path / 'file'))
+
+
+@pytest.mark.parametrize('dest_name', ['out.zip', 'out'])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, dest_name):
+    write_class_folders(tmp_path / 'src', per_class=4)
+    (tmp_path / 'dest').mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300, hard))  # each PNG of 8x8 noise takes ~250 bytes
+    try:
+        result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'dest' / dest_name)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_error(result, '--dest: cannot write', 'File too large')
+    assert os.listdir(tmp_path / 'dest') == []
+
+
+def test_images_beside_class_folders_give_no_labels(tmp_path):
+    write_class_folders(tmp_path / 'src', per_class=1)
+    save_png(tmp_path / 'src' / 'top.png', np.zeros([8, 8, 3], dtype=np.uint8))
+    result = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip')
+    assert result.exit_code == 0, result.output
+    assert 'labels none' in result.output

@@ -158,3 +158,33 @@ def test_a_diverging_run_stops_with_one_line_and_writes_nothing_non_finite(data,
         elif name.endswith('.pkl'):
             assert all_finite(checkpoints.load_network_pickle(tmp_path / name)['ema'].state_dict().values()), name
     assert training_state.resolve_resume_path(str(tmp_path)) == good_state  # a requeue resumes the last good state
+
+
+def test_an_outdir_that_is_not_utf8_trains_and_logs(data, tmp_path):
+    """Linux paths are bytes; one that is not UTF-8 reaches Python as surrogates, which the log file could not encode
+    (a traceback once the run directory and its lock existed)."""
+    outdir = os.fsencode(tmp_path) + b'/run-\xff\xfe'
+    env = dict(os.environ, OMP_NUM_THREADS='1', LC_ALL='C.UTF-8')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'train.py'), *[os.fsencode(str(arg)) for arg in
+                             options(data, os.fsdecode(outdir), 1)]], cwd=REPO_ROOT, env=env, capture_output=True,
+                            timeout=EXIT_TIMEOUT_SEC)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert b'Traceback' not in result.stderr
+    log = (pathlib.Path(os.fsdecode(outdir)) / 'log.txt').read_text(encoding='utf-8')
+    assert 'run-\\udcff\\udcfe' in log and 'Exiting...' in log
+    assert os.path.exists(os.path.join(outdir, os.fsencode(checkpoints.snapshot_name(4, kimg_per_tick=0.004))))
+
+
+def test_transfer_from_a_network_holding_nan_is_one_line(data, tmp_path):
+    result = CliRunner().invoke(train.main, options(data, tmp_path / 'first', 1))
+    assert result.exit_code == 0, result.output
+    snapshot = checkpoints.load_network_pickle(tmp_path / 'first' / checkpoints.snapshot_name(4, kimg_per_tick=0.004))
+    name, param = next(iter(snapshot['ema'].named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float('nan')
+    checkpoints.save_network_pickle(tmp_path / 'nan.pkl', snapshot)
+    result = CliRunner().invoke(train.main, options(data, tmp_path / 'second', 1, f'--transfer={tmp_path / "nan.pkl"}',
+                                                    '--dry-run'))
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    errors = error_lines(result.output)
+    assert len(errors) == 1 and name in errors[0] and 'NaN or infinite' in errors[0], result.output

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import os
 import pickle
+import resource
 import zipfile
 
 import numpy as np
@@ -284,7 +285,7 @@ def test_reference_with_nan_statistics_is_an_error(setup, tmp_path, field):
 def test_ref_into_an_existing_folder_is_an_error_before_any_work(setup, monkeypatch):
     monkeypatch.setattr(fid, '_dataset_stats', lambda *args: pytest.fail('features computed before the check'))
     result = run_fid('ref', '--data', setup['reference_dir'], '--dest', setup['folder'], '--detector', setup['detector'])
-    assert_one_line_error(result, 'is a folder')
+    assert_one_line_error(result, 'names a folder')
 
 
 @pytest.mark.parametrize('ema', [(1, 2), None])
@@ -369,3 +370,44 @@ def test_calc_images_of_another_resolution_than_the_reference_is_an_error(setup,
     small = write_zip(tmp_path / 'small.zip', random_images(2, 4, resolution=8))
     result = run_fid('calc', '--images', small, '--ref', setup['ref'], '--detector', setup['detector'], '--num', 4)
     assert_one_line_error(result, '3-channel 16x16 images')
+
+
+# Outputs that cannot be written, metric preconditions on tiny inputs (issue 22).
+
+
+def test_ref_under_a_file_is_an_error_before_any_work(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, '_dataset_stats', lambda *args, **kwargs: pytest.fail('features computed before the check'))
+    (tmp_path / 'file').write_bytes(b'')
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', tmp_path / 'file' / 'ref.npz', '--detector',
+                     setup['detector'])
+    assert_one_line_error(result, f'cannot write to {tmp_path / "file"}')
+
+
+def test_ref_on_a_full_disk_is_one_line_and_leaves_no_temporary(setup, tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # mu and sigma of 48 features take ~19 kB
+    try:
+        result = run_fid('ref', '--data', setup['reference_dir'], '--dest', tmp_path / 'ref.npz', '--detector',
+                         setup['detector'], '--workers', 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_error(result, f'--dest: cannot write {tmp_path / "ref.npz"}: File too large')
+    assert os.listdir(tmp_path) == []
+
+
+def test_precision_recall_against_too_few_reference_features_is_one_line(setup, tmp_path):
+    ref = tmp_path / 'three.npz'
+    result = run_fid('ref', '--data', setup['reference_dir'], '--dest', ref, '--num', 3, '--features', '--detector',
+                     setup['detector'], '--workers', 0)
+    assert result.exit_code == 0, result.output
+    result = run_fid('calc', '--images', setup['other_zip'], '--ref', ref, '--num', 10, '--metrics', 'pr', '--detector',
+                     setup['detector'], '--workers', 0)
+    assert_one_line_error(result, 'more than 3 features')
+
+
+def test_calc_of_one_generated_image_is_one_line(setup, tmp_path):
+    from test_generate import tiny_net
+    (tmp_path / 'net.pkl').write_bytes(pickle.dumps({'ema': tiny_net(label_dim=0, img_resolution=16)}))
+    result = run_fid('calc', '--network', tmp_path / 'net.pkl', '--seeds', 0, '--steps', 2, '--ref', setup['ref'],
+                     '--detector', setup['detector'], '--device', 'cpu')
+    assert_one_line_error(result, 'at least 2 images')

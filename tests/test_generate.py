@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import resource
 
 import numpy as np
 import PIL.Image
@@ -228,3 +229,84 @@ def test_bad_input_is_a_one_line_error(network_pickles, tmp_path, args, message)
     assert len(error_lines) == 1 and message in error_lines[0], result.output
     assert 'Traceback' not in result.output
     assert not os.path.exists(tmp_path / 'out')
+
+
+# Non-finite values, outputs that cannot be written (issue 22).
+
+
+def assert_one_error_line(result, fragment):
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert 'Traceback' not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and fragment in errors[0], result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize('flag', ['--rho', '--sigma_min', '--sigma_max', '--S_churn', '--S_noise', '--guidance'])
+@pytest.mark.parametrize('value', ['nan', 'inf', '1e999'])
+def test_non_finite_sampler_options_are_refused(network_pickles, tmp_path, flag, value):
+    result = run_generate_unchecked('--network', network_pickles['cfg'], '--outdir', tmp_path / 'out', '--seeds', 0,
+                                    '--steps', 2, f'{flag}={value}')
+    assert 'not a finite number' in assert_one_error_line(result, flag)
+    assert not (tmp_path / 'out').exists()
+
+
+def run_generate_unchecked(*args):
+    """generate.py in this process; exceptions are kept in the result (a traceback is a failure of the test)."""
+    return CliRunner().invoke(generate.main, ['--device', 'cpu'] + [str(arg) for arg in args])
+
+
+@pytest.mark.parametrize('option', ['--network', '--gnet'])
+def test_a_network_with_a_non_finite_weight_is_refused_naming_the_tensor(network_pickles, tmp_path, option):
+    net = tiny_net(label_dim=4)
+    name = list(dict(net.named_parameters()))[5]
+    with torch.no_grad():
+        dict(net.named_parameters())[name].view(-1)[0] = float('inf')
+    broken = tmp_path / 'broken.pkl'
+    broken.write_bytes(pickle.dumps({'ema': net}))
+    networks_given = dict(network=network_pickles['cond'], gnet=network_pickles['cond'])
+    networks_given[option[2:]] = broken
+    result = run_generate_unchecked('--network', networks_given['network'], '--gnet', networks_given['gnet'],
+                                    '--guidance', 2, '--outdir', tmp_path / 'out', '--seeds', 0, '--steps', 2)
+    line = assert_one_error_line(result, f'{option} {broken}')
+    assert name in line and 'NaN or infinite' in line
+    assert not list((tmp_path / 'out').glob('*.png'))
+
+
+def test_a_sampler_that_overflows_stops_with_one_line_and_writes_nothing(network_pickles, tmp_path):
+    result = run_generate_unchecked('--network', network_pickles['cond'], '--outdir', tmp_path / 'out', '--seeds', '0-1',
+                                    '--steps', 2, '--sigma_max', 1e30, '--grid', tmp_path / 'grid.png')
+    assert 'seeds 0, 1' in assert_one_error_line(result, 'NaN or infinite values for 2 of 2 images')
+    assert not list((tmp_path / 'out').glob('*.png')) and not (tmp_path / 'grid.png').exists()
+
+
+@pytest.mark.parametrize('option', ['--outdir', '--grid'])
+def test_an_output_under_a_file_fails_before_sampling(network_pickles, tmp_path, option):
+    (tmp_path / 'file').write_bytes(b'')
+    outputs = {'--outdir': str(tmp_path / 'out'), option: str(tmp_path / 'file' / 'x' / ('grid.png' if option == '--grid' else ''))}
+    result = run_generate_unchecked('--network', network_pickles['cond'], '--seeds', 0, '--steps', 2,
+                                    *[item for pair in outputs.items() for item in pair])
+    line = assert_one_error_line(result, 'cannot write to')
+    assert str(tmp_path / 'file') in line and 'Generating' not in result.output
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(network_pickles, tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # a PNG of 8x8 noise takes ~200 bytes
+    try:
+        result = run_generate_unchecked('--network', network_pickles['cond'], '--outdir', tmp_path / 'out', '--seeds', 0,
+                                        '--steps', 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert 'File too large' in assert_one_error_line(result, f'cannot write {tmp_path / "out" / "000000.png"}')
+    assert os.listdir(tmp_path / 'out') == []
+
+
+def test_a_rerun_removes_the_temporaries_a_killed_run_left(network_pickles, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / '.000000.png.k1ll3d_x.tmp').write_bytes(b'half a png')
+    (out / '.notes.txt.abcdefgh.tmp').write_bytes(b'someone else\'s')
+    result = run_generate_unchecked('--network', network_pickles['cond'], '--outdir', out, '--seeds', 0, '--steps', 2)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == ['.notes.txt.abcdefgh.tmp', '000000.png']

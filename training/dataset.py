@@ -18,6 +18,9 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in PIL.Image.registered_extensions
 CHANNELS_OF_MODE = {'L': 1, 'RGB': 3}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PNG_MODES = {(8, 0): 'L', (8, 2): 'RGB'}  # (bit depth, colour type) of the PNGs we can train on
+# Class ids up to this count are taken as given (a subset of ImageNet's 1000 classes keeps its ids); above it at least
+# half of the ids 0..max must label images.
+MAX_SPARSE_LABEL_DIM = 1000
 # What a damaged file or archive member raises on reading: decoders, zipfile's checks (CRC, headers), inflate, and an
 # unknown compression method (NotImplementedError).
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError)
@@ -51,8 +54,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         if os.path.isdir(self._path):
             self._type = 'dir'
+            # Regular files only: a named pipe called *.png would block the scan forever.
             all_names = [os.path.relpath(os.path.join(root, file), self._path).replace(os.sep, '/')
-                         for root, _dirs, files in os.walk(self._path) for file in files]
+                         for root, _dirs, files in os.walk(self._path) for file in files
+                         if os.path.isfile(os.path.join(root, file))]
         elif os.path.isfile(self._path):
             self._type = 'zip'
             try:
@@ -98,7 +103,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _open_file(self, name):
         if self._type == 'dir':
-            return open(os.path.join(self._path, name), 'rb')
+            return dnnlib.util.open_regular_file(os.path.join(self._path, name))
         return self._get_zipfile().open(name)
 
     def _describe(self, name):
@@ -187,6 +192,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise DatasetError(f'{self._describe(json_name)}: the label of {name} is {label!r}; '
                                    f'expected a class number')
             raw_labels.append(label)
+        # The network gets one label input per id up to the largest: a stray huge id must not build a huge network.
+        label_dim, num_classes = max(raw_labels) + 1, len(set(raw_labels))
+        if label_dim > max(MAX_SPARSE_LABEL_DIM, 2 * num_classes):
+            raise DatasetError(f'{self._describe(json_name)}: class ids go up to {label_dim - 1} but only {num_classes} '
+                               f'classes are used; a network has one label input per id, so number the classes 0, 1, '
+                               f'2, ... (above {MAX_SPARSE_LABEL_DIM} ids at least half must be used)')
         return np.array(raw_labels, dtype=np.int64)
 
     # Items.

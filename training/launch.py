@@ -18,11 +18,13 @@ import torch.distributed
 import dnnlib
 from torch_utils import cpu_runtime
 from torch_utils import distributed
+from torch_utils import misc
 from training import augment
 from training import ema as power_ema
 from training import networks
 from training import recipes
 from training import run_dir as run_dirs
+from training import safe_build
 from training import snapshot_metrics
 from training import training_loop
 from training import training_state
@@ -265,9 +267,24 @@ def find_auto_resume(outdir, desc, nosubdir):
 def read_transfer(path, net):
     """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
     try:
-        return training_state.load_transfer(path, net, verbose=distributed.is_main())
+        data = training_state.load_transfer(path, net, verbose=distributed.is_main())
     except training_state.TrainingStateError as err:
         raise click.ClickException(f'--transfer={err}')
+    nonfinite = misc.first_nonfinite_tensor(data['ema'])
+    if nonfinite is not None:
+        raise click.ClickException(f'--transfer={path}: the network\'s {nonfinite} holds NaN or infinite values')
+    return data
+
+
+def check_network_size(c, dataset):
+    """Refuse network options that a snapshot could not hold (checkpoints' limits) before anything is built:
+    --blocks=10**30 would otherwise build for ever, --cbase=10**6 allocate terabytes."""
+    kwargs = {key: value for key, value in c.network_kwargs.items() if key != 'class_name'}
+    kwargs.update(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    try:
+        safe_build.check(dnnlib.util.get_obj_by_name(c.network_kwargs.class_name), (), kwargs)
+    except ValueError as err:  # UnsafePickleError too
+        raise click.ClickException(f'cannot build the network: {err}')
 
 
 def dry_run_build(c, dataset):
@@ -313,6 +330,7 @@ def run(opts):
         if any(res not in resolutions for res in opts.attn):
             raise click.BadParameter(f'{",".join(map(str, opts.attn))}: the network has the resolutions '
                                      f'{",".join(map(str, resolutions))} (or give none)', param_hint='--attn')
+    check_network_size(c, dataset)
     if c.metric_kwargs is not None and c.metric_kwargs.num_images is None:
         c.metric_kwargs.num_images = snapshot_metrics.default_num_images(len(dataset))
 

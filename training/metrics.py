@@ -303,37 +303,135 @@ def save_statistics(path, mu, sigma, detector, num_images, features=None, featur
                  detector=np.array(detector), num_images=np.array(num_images, dtype=np.int64), **extra)
 
 
-def load_statistics(f, source):
-    """Read an .npz of `mu` [D], `sigma` [D, D] and optionally `detector`, `num_images`, `features` [N, D] (no
-    pickles); files without features load with features None."""
+# What an .npz of statistics may declare, checked from its records before anything is inflated (a small compressed
+# file can declare gigabytes). Inception gives D = 2048; a covariance of D = 8192 already takes 512 MB.
+MAX_FEATURE_DIM = 8192
+MAX_SCALAR_BYTES = 1 << 16          # num_images, resolution, channels, detector
+MAX_COMPRESSION_RATIO = 32          # of a compressed features member: detector features compress about 1:1, zeros 1000:1
+# Detectors compute in float32: a mean beyond its range is not a mean of features, and a covariance entry is bounded
+# by the square of the features' range.
+MAX_FEATURE_MAGNITUDE = float(np.finfo(np.float32).max)
+SYMMETRY_TOLERANCE = 1e-6           # |Σ − Σᵀ| relative to max |Σ|: rounding of a sum of outer products is far below
+# The arrays a statistics file may hold, in reading order (counts bound the features), with their numpy dtype kinds.
+_STATISTICS_KINDS = dict(num_images='iu', resolution='iu', channels='iu', detector='U', mu='f', sigma='f', features='f')
+_SCALARS = ('num_images', 'resolution', 'channels', 'detector')
+_KIND_NAMES = {'iu': 'integers', 'U': 'a string', 'f': 'floating-point numbers'}
+
+
+def _npy_header(member, source, name):
+    """(shape, fortran_order, dtype) from a member's .npy header (version 1 or 2), reading nothing else."""
     try:
-        with np.load(f, allow_pickle=False) as data:
-            contents = {key: data[key] for key in data.files}
-    except Exception as e:
-        raise StatisticsError(f'{source}: not a readable .npz file ({_one_line(e)})') from None
-    missing = [key for key in ('mu', 'sigma') if key not in contents]
-    if missing:
-        raise StatisticsError(f'{source}: missing {" and ".join(missing)}; FID statistics need mu and sigma')
-    mu = contents['mu'].astype(np.float64)
-    sigma = contents['sigma'].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise StatisticsError(f'{source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} do not fit [D] and [D, D]')
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        return read_header(member)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise StatisticsError(f'{source}: {name} is not a readable .npy array ({_one_line(e)})') from None
+
+
+def _shape_problem(name, shape, feature_dim, num_images):
+    """Why `shape` cannot be the statistics array `name`, or None when it can."""
+    if name in _SCALARS:
+        return None if shape == () else 'do not fit a scalar'
+    limit = f'D = {feature_dim}' if feature_dim is not None else f'D ≤ {MAX_FEATURE_DIM}'
+    dim_ok = lambda d: d >= 1 and (d == feature_dim if feature_dim is not None else d <= MAX_FEATURE_DIM)
+    if name == 'mu':
+        return None if len(shape) == 1 and dim_ok(shape[0]) else f'do not fit [D] with {limit}'
+    if name == 'sigma':
+        return None if len(shape) == 2 and shape[0] == shape[1] and dim_ok(shape[0]) else f'do not fit [D, D] with {limit}'
+    if len(shape) != 2 or not dim_ok(shape[1]):
+        return f'do not fit [N, {feature_dim}]' if feature_dim is not None else f'do not fit [N, D] with {limit}'
+    if num_images is not None and shape[0] > num_images:
+        return f'do not fit at most one row per image ({num_images}, num_images)'
+    return None
+
+
+def _read_member(archive, info, source, name, feature_dim, num_images):
+    """One array of an .npz, its declared shape, type and size checked before its data is inflated."""
+    with archive.open(info) as member:
+        shape, fortran_order, dtype = _npy_header(member, source, name)
+        if dtype.hasobject or dtype.kind not in _STATISTICS_KINDS[name]:
+            raise StatisticsError(f'{source}: {name} is a {dtype} array; expected {_KIND_NAMES[_STATISTICS_KINDS[name]]}')
+        problem = _shape_problem(name, shape, feature_dim, num_images)
+        if problem is not None:
+            raise StatisticsError(f'{source}: {name} {list(shape)} {problem}')
+        num_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if name in _SCALARS and num_bytes > MAX_SCALAR_BYTES:
+            raise StatisticsError(f'{source}: {name} declares {num_bytes:,} bytes')
+        if info.file_size != member.tell() + num_bytes:  # the zip record bounds what zipfile inflates
+            raise StatisticsError(f'{source}: {name} declares {list(shape)} {dtype} ({num_bytes:,} bytes) but its '
+                                  f'archive entry {info.file_size - member.tell():,} bytes')
+        if info.compress_type != zipfile.ZIP_STORED and num_bytes > MAX_COMPRESSION_RATIO * max(info.compress_size, 1 << 20):
+            raise StatisticsError(f'{source}: {name} declares {num_bytes:,} bytes in {info.compress_size:,} compressed '
+                                  f'bytes; statistics do not compress that well')
+        array = np.empty(shape, dtype=dtype, order='F' if fortran_order else 'C')
+        memory = memoryview(array.reshape(-1, order='A').view(np.uint8))
+        for start in range(0, num_bytes, 1 << 20):
+            chunk = memory[start:start + (1 << 20)]
+            if member.readinto(chunk) != len(chunk):
+                raise StatisticsError(f'{source}: {name} is truncated')
+    return array
+
+
+def _check_statistics(source, mu, sigma):
+    """Refuse a mean and covariance that no set of float32 features has (cheap checks: no eigen-decomposition)."""
     for name, value in (('mu', mu), ('sigma', sigma)):
         if not np.isfinite(value).all():
             raise StatisticsError(f'{source}: {name} holds {np.count_nonzero(~np.isfinite(value))} NaN or infinite values')
+    if np.abs(mu).max() > MAX_FEATURE_MAGNITUDE:
+        raise StatisticsError(f'{source}: mu holds {np.abs(mu).max():g}, beyond the float32 range of detector features')
+    if np.abs(sigma).max() > MAX_FEATURE_MAGNITUDE ** 2:
+        raise StatisticsError(f'{source}: sigma holds {np.abs(sigma).max():g}, beyond the square of the float32 range')
+    scale = np.abs(sigma).max()
+    if np.abs(sigma - sigma.T).max() > SYMMETRY_TOLERANCE * scale:
+        raise StatisticsError(f'{source}: sigma is not symmetric (largest |Σ − Σᵀ| {np.abs(sigma - sigma.T).max():g}); '
+                              f'not a covariance')
+    variances = np.diag(sigma)
+    if variances.min() < -SYMMETRY_TOLERANCE * scale:
+        raise StatisticsError(f'{source}: sigma has a negative variance ({variances.min():g}) on its diagonal; not a '
+                              f'covariance')
+    bound = np.sqrt(np.outer(variances.clip(min=0), variances.clip(min=0)))  # |Σ_ij| ≤ σ_i σ_j (Cauchy–Schwarz)
+    if (np.abs(sigma) > bound * (1 + SYMMETRY_TOLERANCE) + SYMMETRY_TOLERANCE * scale).any():
+        raise StatisticsError(f'{source}: sigma has a covariance larger than the product of its standard deviations; '
+                              f'not a covariance (not positive semi-definite)')
+
+
+def load_statistics(f, source, feature_dim=None):
+    """Read an .npz of `mu` [D], `sigma` [D, D] and optionally `detector`, `num_images`, `features` [N, D] (no
+    pickles); files without features load with features None.
+
+    Every array's type, shape and size are checked from the archive's records before it is inflated (D must be
+    `feature_dim` when given, else at most MAX_FEATURE_DIM), and values that cannot be feature statistics (non-finite,
+    a non-symmetric covariance or one with negative variances, ...) are refused: StatisticsError naming the file.
+    """
+    try:
+        with zipfile.ZipFile(f) as archive:
+            members = {info.filename[:-len('.npy')]: info for info in archive.infolist() if info.filename.endswith('.npy')}
+            missing = [key for key in ('mu', 'sigma') if key not in members]
+            if missing:
+                raise StatisticsError(f'{source}: missing {" and ".join(missing)}; FID statistics need mu and sigma')
+            contents = {}
+            for name in _STATISTICS_KINDS:
+                if name in members:
+                    dim = len(contents['mu']) if name != 'mu' and 'mu' in contents else feature_dim
+                    num_images = int(contents['num_images']) if 'num_images' in contents else None
+                    contents[name] = _read_member(archive, members[name], source, name, dim, num_images)
+                    if name in ('num_images', 'resolution', 'channels') and contents[name] < 0:
+                        raise StatisticsError(f'{source}: {name} is not a non-negative integer')
+    except StatisticsError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+        raise StatisticsError(f'{source}: not a readable .npz file ({_one_line(e)})') from None
+    mu = contents['mu'].astype(np.float64, copy=False)
+    sigma = contents['sigma'].astype(np.float64, copy=False)
+    _check_statistics(source, mu, sigma)
     features = contents.get('features')
-    if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
-        raise StatisticsError(f'{source}: features {list(features.shape)} do not fit [N, {len(mu)}]')
-    counts = {}
-    for name in ('num_images', 'resolution', 'channels'):  # absent from older files and EDM's published ones
-        value = contents.get(name)
-        if value is not None and (value.shape != () or value.dtype.kind not in 'iu' or value < 0):
-            raise StatisticsError(f'{source}: {name} is not a non-negative integer')
-        counts[name] = None if value is None else int(value)
+    if features is not None and not np.isfinite(features).all():
+        raise StatisticsError(f'{source}: features hold NaN or infinite values')
+    counts = {name: None if name not in contents else int(contents[name]) for name in ('num_images', 'resolution', 'channels')}
+    if counts['num_images'] is not None and counts['num_images'] < 2:
+        raise StatisticsError(f'{source}: num_images is {counts["num_images"]}; a covariance needs at least 2 images')
     detector = contents.get('detector')
-    if detector is not None and (detector.shape != () or detector.dtype.kind != 'U'):
-        raise StatisticsError(f'{source}: detector is not a string')
-    return dict(mu=mu, sigma=sigma, detector=None if detector is None else str(detector), features=features, **counts)
+    return dict(mu=mu, sigma=sigma, detector=None if detector is None else str(detector[()]), features=features, **counts)
 
 
 def check_same_images(reference, resolution, channels, source, what):

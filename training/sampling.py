@@ -430,6 +430,10 @@ def guided_denoiser(net, guidance=1, gnet=None):
     return GuidedDenoiser(net, guidance, gnet)
 
 
+class NonFiniteImagesError(ValueError):
+    """A sampler produced NaN or infinite values: a network with non-finite weights or extreme sampler options."""
+
+
 @torch.inference_mode()
 def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=None, precision=None):
     """uint8 images [len(seeds), C, H, W] on `device` for one batch of seeds; image i depends on seeds[i] only
@@ -439,4 +443,11 @@ def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=
     with network_precision(device, precision):
         latents, class_labels, generators = draw_latents_and_labels(net, seeds, device, class_idx)
         images = SAMPLERS[sampler_name](net, latents, class_labels, randn_like=generators.randn_like, **sampler_kwargs)
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):  # NaN would become a black image and inf a white one: one check per batch
+        bad_seeds = [int(seed) for seed, ok in zip(seeds, finite.tolist()) if not ok]
+        raise NonFiniteImagesError(f'the sampler produced NaN or infinite values for {len(bad_seeds)} of '
+                                   f'{len(finite)} images (seeds {", ".join(map(str, bad_seeds[:5]))}'
+                                   f'{", ..." if len(bad_seeds) > 5 else ""}); a network with non-finite weights or '
+                                   f'sampler options beyond its range?')
     return images_to_uint8(images)
