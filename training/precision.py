@@ -3,7 +3,7 @@
 "fp16" means different things in the two, as in the published code: training runs the inner network in
 float16 (the network's `use_fp16`), sampling autocasts. Training takes TF32 from its own --tf32 flag.
 "bf16" autocasts on CUDA and on CPUs alike, with float32 master weights; "auto" is bf16 where the device has
-bfloat16 matrix units (docs/design.md#precision) and fp32 elsewhere.
+bfloat16 matrix units (docs/compatibility.md#precision) and fp32 elsewhere.
 """
 
 import collections
