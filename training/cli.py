@@ -147,7 +147,7 @@ SAMPLER_OPTIONS = [
     ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
     ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=float)),
     ('gnet_url',       '--gnet',      dict(help='Guiding network for autoguidance (same resolution, channels, labels)', metavar='PKL|URL', type=str)),
-    ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch (bf16 too on CPUs); auto = bf16 where the device has bf16 matrix units, else fp32  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS) + [AUTO]))),
+    ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch; auto = bf16 where the device has bf16 matrix units, else fp32  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS) + [AUTO]))),
 ]
 FLAGS = {keyword: flag for keyword, flag, _ in SAMPLER_OPTIONS}
 
