@@ -5,7 +5,7 @@ enters this repository. Runs both `train.py` on one synthetic dataset and both `
 published code's own snapshot, alternating which side goes first, and prints the ratios. Both sides get the
 same environment (OMP_NUM_THREADS, nothing else set) and their default options; the images of the two
 `generate.py` runs are compared pixel by pixel (identical in fp32). Our side runs in `--precision` (auto: bf16
-where the CPU has bf16 matrix units); the published side always runs in float32. Beside the ratios it prints the
+where the CPU has bf16 matrix units that speed the task up, training/precision.py); the published side always runs in float32. Beside the ratios it prints the
 machine's measured fp32 and bf16 matmul and convolution GFLOP/s and the FLOP floor of the training config: its
 FLOP per image × 1000 / matmul GFLOP/s, the sec/kimg that the products alone would take (benchmarks/flops.py).
 
@@ -111,7 +111,7 @@ def print_floor(floor, ours_sec_per_kimg=None):
 
 @click.command()
 @click.option('--published', 'published_dir', help='The published FDM code patched for CPUs', metavar='DIR', type=str)
-@click.option('--precision', help='Our side\'s arithmetic (the published side runs in fp32); auto = bf16 where the CPU has bf16 matrix units', type=click.Choice(TRAINING_PRECISIONS[:1] + ['bf16', AUTO]), default=AUTO, show_default=True)
+@click.option('--precision', help='Our side\'s arithmetic (the published side runs in fp32); auto = what train.py and generate.py choose for this CPU', type=click.Choice(TRAINING_PRECISIONS[:1] + ['bf16', AUTO]), default=AUTO, show_default=True)
 @click.option('--floor-only', help='Only measure the kernels\' GFLOP/s and print the FLOP floor', is_flag=True)
 @click.option('--threads',   help='OMP_NUM_THREADS of both sides', metavar='INT', type=click.IntRange(min=1), default=os.cpu_count(), show_default=True)
 @click.option('--repeats',   help='Runs of each side per task, alternating', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
