@@ -3,24 +3,27 @@
 # samples, and measure FID with the offline Inception detector. Outputs go to $OUT (default
 # quickstart-output/). KIMG sets the training length in thousands of images (default 60); GUIDE_KIMG the
 # snapshot that guides the final one (autoguidance, default 10; "none" samples unguided); NUM_FID the number
-# of images on each side of the FID.
+# of images on each side of the FID. PRECISION (default auto: bf16 where the CPU's or GPU's bf16 matrix units speed
+# the task up, fp32 elsewhere; each script prints its choice) sets the arithmetic of training and sampling.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-quickstart-output}
 KIMG=${KIMG:-60}
 GUIDE_KIMG=${GUIDE_KIMG:-10}
 NUM_FID=${NUM_FID:-500}
+PRECISION=${PRECISION:-auto}
 DATA=datasets/fashion-mnist-32x32-5k.zip
 mkdir -p "$OUT"
 
 echo "== Training EDM-FDM for $KIMG kimg on $DATA =="
 # --preset=quickstart: a small EDM-FDM U-Net (training/recipes.py PRESETS), class-conditional, batch 16.
 python train.py --outdir="$OUT/run" --nosubdir --data="$DATA" --preset=quickstart \
-    --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=1 --dump=0 --workers=1 --seed=0
+    --duration="$(python -c "print($KIMG / 1000)")" --tick=5 --snap=1 --dump=0 --workers=1 --seed=0 \
+    --precision="$PRECISION"
 snapshot=$(ls "$OUT"/run/network-snapshot-*.pkl | tail -n 1)
 
 # DPM-Solver++(2M), 12 evaluations: samples like Heun's with 18 steps (35 evaluations) at 40% of the CPU time.
-SAMPLER=(--solver=dpm2m --steps=12)
+SAMPLER=(--solver=dpm2m --steps=12 --precision="$PRECISION")
 
 # Autoguidance (Karras et al. 2024): an early snapshot of the same run, a weaker model that errs in the same
 # directions, steers the sampler away from them: D_guide + w·(D − D_guide). The first snapshot at or after

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from training import networks, sampling  # noqa: E402
-from training.precision import PRECISIONS, default_sampling_precision  # noqa: E402
+from training.precision import AUTO, PRECISIONS, describe_choice  # noqa: E402
 
 # Named network configurations: preconditioner, architecture preset and the options that override it.
 CONFIGS = {
@@ -100,7 +100,7 @@ def time_solver(net, solver, num_steps, batch, num_batches, device, precision):
 @click.option('--batch', help='Images per batch', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--batches', 'num_batches', help='Timed batches per solver', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--device', help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
-@click.option('--precision', help='Network arithmetic  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS)))
+@click.option('--precision', help='Network arithmetic; auto = bf16 where the device has bf16 matrix units, else fp32', type=click.Choice(list(PRECISIONS) + [AUTO]), default=AUTO, show_default=True)
 @click.option('--out', 'out_path', help='JSON results', metavar='PATH', default='sample_speed.json', show_default=True)
 def main(config_name, solvers, num_steps, batch, num_batches, device, precision, out_path):
     """Images/s and evaluations per image of each solver at a fixed step count."""
@@ -109,7 +109,9 @@ def main(config_name, solvers, num_steps, batch, num_batches, device, precision,
     if unknown or not solver_names:
         raise click.ClickException(f'--solvers: unknown {unknown}; choose from {list(SOLVERS)}')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    precision = precision or default_sampling_precision(device)
+    precision, choice = describe_choice(precision, device)
+    if choice is not None:
+        print(choice)
     net = build_network(config_name, device)
     num_params = sum(param.numel() for param in net.parameters())
 

@@ -27,7 +27,7 @@ import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from torch_utils import distributed  # noqa: E402
 from benchmarks import common  # noqa: E402
 from training import launch  # noqa: E402
-from training.precision import TRAINING_PRECISIONS  # noqa: E402
+from training.precision import AUTO, TRAINING_PRECISIONS  # noqa: E402
 
 # Named configurations: dataset shape, train.py options (names → values), and the batch used on each device type.
 CONFIGS = {
@@ -70,6 +70,8 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
             distributed.shutdown()
         with open(os.path.join(tmp, 'run', 'stats.jsonl')) as f:
             ticks = [json.loads(line) for line in f]
+        with open(os.path.join(tmp, 'run', 'training_options.json')) as f:
+            precision = json.load(f)['precision']  # what 'auto' chose
     timed = ticks[-1]
     return dict(
         config          = config_name,
@@ -96,7 +98,7 @@ def run_benchmark(config_name, device_type, steps, batch, batch_gpu, precision, 
 @click.option('--steps',        help='Timed optimizer steps after one warm-up step', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--batch',        help='Override the config\'s batch size', type=click.IntRange(min=1))
 @click.option('--batch-gpu',    help='Override the images per forward pass', type=click.IntRange(min=1))
-@click.option('--precision',    help='Arithmetic', type=click.Choice(TRAINING_PRECISIONS), default='fp32', show_default=True)
+@click.option('--precision',    help='Arithmetic; auto = bf16 where the device has bf16 matrix units, else fp32', type=click.Choice(TRAINING_PRECISIONS + [AUTO]), default=AUTO, show_default=True)
 @click.option('--compile',      help='torch.compile the network', type=bool, default=False, show_default=True)
 @click.option('--workers',      help='DataLoader worker processes', type=click.IntRange(min=0), default=1, show_default=True)
 @click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', type=click.IntRange(min=1))

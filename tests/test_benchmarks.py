@@ -85,6 +85,39 @@ def test_train_speed_prints_table_and_json(tmp_path):
     assert 'sec_per_kimg' in table_rows and 'peak_cpu_mem_gb' in table_rows
 
 
+def test_cpu_precision_prints_fp32_and_bf16_of_every_kernel(tmp_path):
+    json_path = tmp_path / 'cpu_precision.json'
+    stdout = run_script('benchmarks/cpu_precision.py', '--repeats=1', '--train-steps=0', '--matmul-size=128',
+                        '--channels=32', f'--json={json_path}')
+    result = json.loads(json_path.read_text())
+    for task in ('training', 'sampling'):
+        assert result['cpu'][f'auto_{task}'] in ('fp32', 'bf16') and f"auto_{task:<17} {result['cpu'][f'auto_{task}']}" in stdout
+    kernels = {(row['name'].split()[0], row['precision']): row for row in result['kernels']}
+    assert set(kernels) == {(kind, precision) for kind in ('matmul', 'conv', 'group_norm') for precision in ('fp32', 'bf16')}
+    assert all(row['ms'] > 0 for row in kernels.values()) and kernels['matmul', 'bf16']['gflops'] > 0
+    assert kernels['matmul', 'fp32']['gflops'] == pytest.approx(2 * 128 ** 3 / kernels['matmul', 'fp32']['ms'] / 1e6)
+    assert 'bf16 speed-up' in stdout
+
+
+def test_training_flop_count_is_per_image_and_grows_with_the_channels_squared():
+    from benchmarks import compare_published, flops
+    options = dict(compare_published.train_option_values(), cbase=8)
+    assert options['cres'] == [1, 2, 2] and options['augment'] == 0
+    per_image = flops.training_flop_per_image(options, batch=2)
+    assert flops.training_flop_per_image(options, batch=3) == pytest.approx(per_image)
+    doubled = flops.training_flop_per_image(dict(options, cbase=16), batch=2)
+    assert 3.5 < doubled / per_image <= 4  # convolutions ∝ channels², attention's products ∝ channels
+    assert flops.sec_per_kimg_floor(4e9, 400) == pytest.approx(10)
+
+
+def test_compare_published_needs_the_published_code_unless_floor_only():
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run([sys.executable, str(REPO_ROOT / 'benchmarks/compare_published.py')], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and 'Error: --published is required (or give --floor-only)' in result.stderr
+    assert '--precision [fp32|bf16|auto]' in run_script('benchmarks/compare_published.py', '--help')
+
+
 def test_sample_speed_prints_table_and_json(tmp_path):
     json_path = tmp_path / 'sample_speed.json'
     stdout = run_script('benchmarks/sample_speed.py', '--solvers=edm,dpm', '--steps=2', '--batch=2', '--batches=1',

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import generate
 from training import cli, networks, sampling
+from training import precision as precision_lib
 from conftest import run_torchrun
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +88,17 @@ def test_one_png_per_seed_named_by_seed(batch3_files):
 
 def test_batch_size_does_not_change_the_files(batch1_subdirs_files, batch3_files):
     assert {os.path.basename(name): data for name, data in batch1_subdirs_files.items()} == batch3_files
+
+
+def test_auto_precision_prints_its_choice_and_draws_what_that_precision_draws(network_pickles, tmp_path):
+    chosen, line = precision_lib.describe_choice('auto', 'cpu')
+    # Unconditional: bf16 on CPUs keeps such images bit-identical across batches (docs/compatibility.md#batch-invariance).
+    result = run_generate('--network', network_pickles['uncond'], '--outdir', tmp_path / 'auto', '--seeds', SEEDS,
+                          '--steps', 3, '--batch', 3, '--precision', 'auto')
+    assert result.exit_code == 0, result.output
+    assert result.output.count('Precision auto: ') == 1 and line in result.output
+    assert read_tree(tmp_path / 'auto') == generate_files(network_pickles['uncond'], tmp_path / chosen, '--batch', 2,
+                                                          '--precision', chosen)
 
 
 def test_two_processes_write_the_same_files(network_pickles, batch3_files, tmp_path):
@@ -195,7 +207,8 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--solver', 'dpm', '--disc', 'vp'], '--disc'),
     (['--solver', 'dpm2m', '--S_churn', '10'], '--S_churn'),
     (['--outdir', None], '--outdir'),
-    (['--precision', 'bf16'], '--precision'),
+    (['--precision', 'tf32'], '--precision'),
+    (['--precision', 'fp16'], '--precision'),
     (['--guidance', '2'], '--guidance'),
     (['--network', '{uncond}', '--guidance', '2'], '--guidance'),
     (['--gnet', '{cond16}'], '--gnet'),

@@ -26,3 +26,5 @@ def test_quickstart_trains_samples_with_autoguidance_and_prints_fid(tmp_path):
     assert re.search(r'^Snapshot: .*network-snapshot-000001\.pkl$', result.stdout, flags=re.M)
     assert re.search(r'^Guided by: .*network-snapshot-000000\.pkl$', result.stdout, flags=re.M)
     assert 'Loading guiding network from' in (tmp_path / 'qs' / 'fid.txt').read_text()  # the FID is of guided samples
+    # --precision=auto in training, the grid and the FID, each printing its one choice for this machine
+    assert len(re.findall(r'^Precision auto: (bf16|fp32) \(', result.stdout, flags=re.M)) == 3, result.stdout[-3000:]

@@ -153,10 +153,75 @@ def test_generate_images_draws_from_the_seeds_and_converts_to_uint8():
     assert torch.equal(images, sampling.images_to_uint8(sampling.dpm_solver_pp(net, latents, num_steps=4)))
 
 
-@pytest.mark.parametrize('precision', ['tf32', 'fp16', 'bf16'])
-def test_reduced_precision_is_refused_on_cpu(precision):
+@pytest.mark.parametrize('precision', ['tf32', 'fp16'])
+def test_cuda_only_precisions_are_refused_on_cpu(precision):
     with pytest.raises(ValueError, match='precision'):
         sampling.generate_images(GaussianToy(), [0], 'edm', {}, 'cpu', precision=precision)
+
+
+class Float64MatmulToy(GaussianToy):
+    """GaussianToy computed by a float64 matrix product, an op that autocast would run in bf16 were it float32;
+    records whether each call ran under CPU autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast = []
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.autocast.append(torch.is_autocast_enabled('cpu'))
+        assert x.dtype == torch.float64
+        eye = torch.eye(x.shape[-1], dtype=torch.float64)
+        return super().__call__(torch.matmul(x, eye), sigma, class_labels)
+
+
+@pytest.mark.parametrize('sampler_name', ['edm', 'dpm2m'])
+def test_cpu_bf16_autocasts_the_network_and_leaves_the_float64_solver_state_alone(sampler_name):
+    fp32_net, bf16_net = Float64MatmulToy(), Float64MatmulToy()
+    fp32 = sampling.generate_images(fp32_net, range(4), sampler_name, dict(num_steps=5), 'cpu', precision='fp32')
+    bf16 = sampling.generate_images(bf16_net, range(4), sampler_name, dict(num_steps=5), 'cpu', precision='bf16')
+    assert bf16_net.autocast and all(bf16_net.autocast) and not any(fp32_net.autocast)
+    assert torch.equal(bf16, fp32)
+    assert not torch.is_autocast_enabled('cpu')  # the context ends with the batch
+
+
+def tiny_32x32_net(label_dim=0):
+    """A 32x32 DDPM++ with perturbed weights (the output layer starts near zero), big enough for GroupNorm's
+    whole-batch split (>= 1024 pixels) that batch invariance must survive."""
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=32, img_channels=3, label_dim=label_dim, model_type='SongUNet', model_channels=16,
+                              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[16], dropout=0.0).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return net
+
+
+@pytest.fixture(scope='module', params=[0, 10], ids=['uncond', 'cond'])
+def bf16_images(request):
+    """(label_dim, generate(seeds, precision), fp32 images, bf16 images) of seeds 0-5 drawn in one batch."""
+    net = tiny_32x32_net(request.param)
+    generate = lambda seeds, precision: sampling.generate_images(net, seeds, 'dpm2m', dict(num_steps=4), 'cpu', precision=precision)
+    return request.param, generate, generate(range(6), 'fp32'), generate(range(6), 'bf16')
+
+
+def test_cpu_bf16_images_do_not_depend_on_the_batch(bf16_images):
+    # Bit-identical for unconditional networks, whose embedding rows are all equal and computed once; a conditional
+    # network's embedding products round a row by its batch in bf16 (docs/compatibility.md#batch-invariance), so
+    # there only the values must agree.
+    label_dim, generate, _, whole = bf16_images
+    for start, stop in ((0, 1), (1, 3), (3, 6)):
+        part = generate(range(start, stop), 'bf16')
+        if label_dim:
+            assert (part.float() - whole[start:stop].float()).abs().mean() < 0.5, (start, stop)
+        else:
+            assert torch.equal(part, whole[start:stop]), (start, stop)
+
+
+def test_cpu_bf16_images_stay_close_to_fp32(bf16_images):
+    _, _, fp32, bf16 = bf16_images
+    difference = (bf16.float() - fp32.float()).abs()
+    assert difference.max() > 0                 # bf16 did run
+    assert difference.mean() < 1.0, difference.mean()   # grey levels of 255
 
 
 def test_images_to_uint8_rounds_to_nearest_and_clips():

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import train
 from training import launch
+from training import precision as precision_lib
 from training import recipes
 
 # The nine published training recipes of the README (options after --outdir/--data).
@@ -138,6 +139,16 @@ def test_fp16_and_bf16_precision_options(tmp_path, unlabeled_zip):
     assert fp16['precision'] == 'fp16' and fp16['network_kwargs']['use_fp16'] is True
     bf16 = printed_config(run_cli(*common, '--precision=bf16').output)
     assert bf16['precision'] == 'bf16' and bf16['network_kwargs']['use_fp16'] is False
+
+
+@pytest.mark.parametrize('flags, expected', [({'avx512_bf16', 'amx_bf16', 'amx_tile'}, 'bf16'), ({'avx512f', 'avx512_bf16'}, 'fp32')])
+def test_auto_precision_records_and_prints_what_it_chose(tmp_path, unlabeled_zip, monkeypatch, flags, expected):
+    monkeypatch.setattr(precision_lib, 'cpu_flags', lambda: flags)
+    result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '--device=cpu',
+                     '--precision=auto', '-n')
+    assert result.exit_code == 0, result.output
+    assert printed_config(result.output)['precision'] == expected
+    assert len([line for line in result.output.splitlines() if line.startswith(f'Precision auto: {expected} (')]) == 1
 
 
 def test_label_dropout_is_recorded_in_the_network_options(tmp_path, labeled_zip):

@@ -95,6 +95,11 @@ def runs(tmp_path_factory, data):
         elif name == 'resumed':
             run_in_process(tiny_options(data, root / 'half', STEPS // 2))
             run_in_process(tiny_options(data, out, STEPS, f'--resume={root / "half"}'))
+        elif name == 'straight-bf16':
+            run_in_process(tiny_options(data, out, STEPS, '--precision=bf16'))
+        elif name == 'resumed-bf16':
+            run_in_process(tiny_options(data, root / 'half-bf16', STEPS // 2, '--precision=bf16'))
+            run_in_process(tiny_options(data, out, STEPS, '--precision=bf16', f'--resume={root / "half-bf16"}'))
         elif name == 'straight-2proc':
             run_torchrun(tiny_options(data, out, STEPS))
         elif name == 'resumed-2proc':
@@ -142,6 +147,33 @@ def test_snapshot_loads_with_plain_pickle_and_holds_the_ema(runs):
 
 def test_resume_continues_bit_for_bit(runs):
     assert_states_identical(latest_state(runs('straight')), latest_state(runs('resumed')))
+
+
+def test_bf16_resume_continues_bit_for_bit_with_float32_master_weights(runs):
+    straight = latest_state(runs('straight-bf16'))
+    assert_states_identical(straight, latest_state(runs('resumed-bf16')))
+    assert all(tensor.dtype == torch.float32 for tensor in straight['net'].values() if tensor.is_floating_point())
+    fp32 = latest_state(runs('straight'))
+    assert not torch.equal(flat(straight['net']), flat(fp32['net']))  # autocast did run
+
+
+def trajectory(data, outdir, *extra, steps=24):
+    """Mean loss of every two steps of a run without augmentation or dropout."""
+    run_in_process(tiny_options(data, outdir, steps, f'--tick={2 * BATCH / 1000}', '--snap=0', '--dump=0', '--augment=0',
+                                '--dropout=0', *extra))
+    stats = [json.loads(line) for line in (outdir / 'stats.jsonl').read_text().splitlines()]
+    return torch.tensor([tick['Loss/loss']['mean'] for tick in stats], dtype=torch.float64)
+
+
+def test_bf16_training_follows_the_fp32_loss_trajectory(data, tmp_path):
+    # Same seed, so the same data, noise and σ at every step: only the arithmetic differs. Measured on an AVX512-BF16
+    # CPU: bf16 within 2% of fp32 at every tick (0.6% on average); another seed ~10% on average, up to 60%.
+    fp32 = trajectory(data, tmp_path / 'fp32')
+    bf16 = trajectory(data, tmp_path / 'bf16', '--precision=bf16')
+    other_seed = trajectory(data, tmp_path / 'seed', '--seed=8')
+    assert len(fp32) == len(bf16) == 13
+    assert (bf16 / fp32 - 1).abs().max() < 0.05 and (bf16 / fp32 - 1).abs().mean() < 0.02, (fp32, bf16)
+    assert (other_seed / fp32 - 1).abs().mean() > 0.04, (fp32, other_seed)
 
 
 def test_resume_continues_bit_for_bit_with_two_processes(runs):

@@ -13,7 +13,7 @@ from torch_utils import distributed
 from torch_utils import misc
 from training import checkpoints
 from training import sampling
-from training.precision import PRECISIONS, default_sampling_precision
+from training.precision import AUTO, PRECISIONS, default_sampling_precision, describe_choice
 
 
 def parse_resolution_list(text):
@@ -99,15 +99,20 @@ rank0_first = distributed.rank0_first
 def init_device(device, precision=None):
     """Join the process group on `device` (None = cuda if available) and check the sampling precision for it.
 
-    Returns (device, precision) with the precision's default filled in.
+    Returns (device, precision) with the precision's default filled in and 'auto' resolved (and its choice printed).
     """
     try:
         device = distributed.init(device)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint='--device') from None
-    precision = precision or default_sampling_precision(device)
-    if precision != 'fp32' and device.type != 'cuda':
-        raise click.BadParameter(f'{precision} needs a CUDA device; this run uses {device.type}', param_hint='--precision')
+    precision, choice = describe_choice(precision or default_sampling_precision(device), device)
+    if choice is not None:
+        distributed.print0(choice)
+    if device.type != 'cuda' and not PRECISIONS[precision].on_cpu:
+        raise click.BadParameter(f'{precision} needs a CUDA device; this run uses {device.type} (fp32, bf16 or auto run '
+                                 f'there)', param_hint='--precision')
+    if precision == 'bf16' and device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        raise click.BadParameter('this GPU does not support bfloat16; use fp16, tf32 or fp32', param_hint='--precision')
     return device, precision
 
 
@@ -171,7 +176,7 @@ SAMPLER_OPTIONS = [
     ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
     ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=FiniteFloat())),
     ('gnet_url',       '--gnet',      dict(help='Guiding network for autoguidance (same resolution, channels, labels)', metavar='PKL|URL', type=str)),
-    ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS)))),
+    ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch; auto = bf16 where the device has bf16 matrix units, else fp32  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS) + [AUTO]))),
 ]
 FLAGS = {keyword: flag for keyword, flag, _ in SAMPLER_OPTIONS}
 

@@ -28,7 +28,7 @@ from training import safe_build
 from training import snapshot_metrics
 from training import training_loop
 from training import training_state
-from training.precision import PRECISIONS
+from training.precision import PRECISIONS, describe_choice
 
 # train.py's options when not given (click's defaults come from here).
 DEFAULTS = dict(
@@ -78,6 +78,10 @@ def build_config(opts, world_size):
     precision = opts.precision or ('fp16' if opts.fp16 else 'fp32')
     if opts.fp16 and precision != 'fp16':
         raise click.UsageError(f'--fp16 contradicts --precision={precision}')
+    device_type = opts.device if opts.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    precision, choice = describe_choice(precision, device_type, 'training')  # the config records what 'auto' chose
+    if choice is not None:
+        distributed.print0(choice)
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,

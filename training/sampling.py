@@ -13,7 +13,7 @@ import math
 import torch
 
 from training import schedules
-from training.precision import PRECISIONS, default_sampling_precision
+from training.precision import AUTO, PRECISIONS, default_sampling_precision, resolve_precision
 
 # The seed → RNG rule (docs/design.md#seeds): defined once, used by generate.py, fid.py and the tests.
 
@@ -337,19 +337,23 @@ MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1}  # the σ schedu
 
 @contextlib.contextmanager
 def network_precision(device, precision=None):
-    """Run the network in `precision` (PRECISIONS; None = default_sampling_precision) and restore torch's flags after.
+    """Run the network in `precision` (PRECISIONS or 'auto'; None = default_sampling_precision) and restore torch's
+    flags after. Autocast changes the network's products only: the solvers' float64 state stays float64.
 
-    Only fp32 makes CUDA results independent of the batch size: with TF32 or autocast the kernels chosen for a
-    batch size can change the last bits (one uint8 level in a few percent of the pixels).
+    On CUDA only fp32 makes results independent of the batch size: with TF32 or autocast the kernels chosen for a
+    batch size can change the last bits (one uint8 level in a few percent of the pixels). On CPUs fp32 and bf16
+    both are (docs/compatibility.md#batch-invariance).
     """
     device = torch.device(device)
-    precision = precision or default_sampling_precision(device)
+    precision, _ = resolve_precision(precision or default_sampling_precision(device), device)
     if precision not in PRECISIONS:
-        raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+        raise ValueError(f'precision must be one of {list(PRECISIONS) + [AUTO]}, got {precision!r}')
     if device.type != 'cuda':
-        if precision != 'fp32':
-            raise ValueError(f'precision {precision} is for CUDA devices; use fp32 on {device.type}')
-        yield
+        if not PRECISIONS[precision].on_cpu:
+            raise ValueError(f'precision {precision} is for CUDA devices; use fp32 or bf16 on {device.type}')
+        autocast_dtype = PRECISIONS[precision].sample_autocast
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            yield
         return
     allow_tf32, autocast_dtype = PRECISIONS[precision].sample_tf32, PRECISIONS[precision].sample_autocast
     saved_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
