@@ -181,3 +181,13 @@ def test_a_batch_of_one_runs_as_two_only_when_batch_invariant_on_cpus():
 def test_half_dtype_is_float16_on_cuda_only():
     assert ops.half_dtype(torch.device('cpu')) == torch.float32
     assert ops.half_dtype('cuda') == torch.float16
+
+
+def test_batch_invariant_cpu_linear_keeps_float32_under_bf16_autocast():
+    # bf16's batched CPU product rounds a row by its batch; the one-row products must not run in it.
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(5, 16), torch.randn(32, 16), torch.randn(32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = ops.linear(x, weight, bias, batch_invariant=True)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ops.linear(x, weight, bias, batch_invariant=True))

@@ -20,7 +20,9 @@ from torch.nn import functional as F
 def linear(x, weight, bias=None, batch_invariant=False):
     """x·Wᵀ + b (`F.linear`); batch-invariant on CPUs as a batch of one-row products (`linear_by_row`)."""
     if batch_invariant and x.device.type == 'cpu' and x.ndim == 2:
-        return linear_by_row(x, weight, bias)
+        # In float32 outside autocast: bf16's batched CPU product rounds a row by the batch it sits in.
+        with torch.autocast('cpu', enabled=False):
+            return linear_by_row(x.float(), weight.float(), None if bias is None else bias.float())
     return F.linear(x, weight, bias)
 
 
