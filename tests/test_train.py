@@ -14,6 +14,7 @@ import train
 from training import launch
 from training import precision as precision_lib
 from training import recipes
+from training import resume
 
 # The nine published training recipes of the README (options after --outdir/--data).
 RECIPES = {
@@ -255,15 +256,15 @@ def test_transfer_from_a_snapshot_of_another_architecture_names_the_mismatch(tmp
 
 
 def test_resume_auto_finds_the_newest_state_of_the_newest_matching_run(tmp_path):
-    assert launch.find_auto_resume(str(tmp_path / 'missing'), 'data-uncond', False) is None
+    assert resume.find_auto_resume(str(tmp_path / 'missing'), 'data-uncond', False) is None
     for name, states in (('00000-data-uncond', [0, 5]), ('00001-data-uncond', [2]), ('00002-data-uncond', []),
                          ('00003-other-uncond', [9])):
         (tmp_path / name).mkdir()
         for kimg in states:
             (tmp_path / name / f'training-state-{kimg:06d}.pt').write_bytes(b'')
-    found = launch.find_auto_resume(str(tmp_path), 'data-uncond', False)
+    found = resume.find_auto_resume(str(tmp_path), 'data-uncond', False)
     assert found == str(tmp_path / '00001-data-uncond' / 'training-state-000002.pt')
-    assert launch.find_auto_resume(str(tmp_path / '00002-data-uncond'), 'data-uncond', True) is None
+    assert resume.find_auto_resume(str(tmp_path / '00002-data-uncond'), 'data-uncond', True) is None
 
 
 def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, unlabeled_zip, monkeypatch):
@@ -284,7 +285,7 @@ def test_resume_auto_finds_the_run_of_the_same_command_whatever_its_process_coun
     (tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt').write_bytes(b'')
     (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32').mkdir()  # another global batch: another run
     (tmp_path / '00001-data-uncond-ddpmpp-edm-gpus2-batch16-fp32' / 'training-state-000002.pt').write_bytes(b'')
-    found = launch.find_auto_resume(str(tmp_path), 'data-uncond-ddpmpp-edm-gpus1-batch8-fp32', False)
+    found = resume.find_auto_resume(str(tmp_path), 'data-uncond-ddpmpp-edm-gpus1-batch8-fp32', False)
     assert found == str(tmp_path / '00000-data-uncond-ddpmpp-edm-gpus2-batch8-fp32' / 'training-state-000001.pt')
 
 

@@ -18,11 +18,11 @@ import torch.distributed
 import dnnlib
 from torch_utils import cpu_runtime
 from torch_utils import distributed
-from torch_utils import misc
 from training import augment
 from training import ema as power_ema
 from training import networks
 from training import recipes
+from training import resume
 from training import run_dir as run_dirs
 from training import safe_build
 from training import snapshot_metrics
@@ -190,96 +190,6 @@ def check_precision(precision, device_type):
         raise click.BadParameter('this GPU does not support bfloat16; use fp16 or fp32', param_hint='--precision')
 
 
-def read_resume(c, resume, resume_force=False):
-    """Resolve --resume to a state, read it once, take the run's seed from it if none given.
-
-    Returns the state and the options that differ from those it was written with; a different dataset or network
-    is refused unless `resume_force`.
-    """
-    try:
-        c.resume_state = training_state.resolve_resume_path(resume)
-        state = training_state.load_training_state(c.resume_state, mmap=True)
-    except training_state.TrainingStateError as err:
-        raise click.ClickException(f'--resume: {err}')
-    if c.seed is None:
-        c.seed = state['options']['seed']
-    changes = changed_options(state['options'], c)
-    meaning = [change for change in changes if change.startswith(_RESUME_MEANING_OPTIONS)
-               and not change.startswith(_RESUME_MEANING_EXCEPT)]
-    if meaning and not resume_force:
-        raise click.ClickException(f'--resume: {c.resume_state} was trained on other data or another network '
-                                   f'({"; ".join(meaning)}); give --resume-force to continue it anyway')
-    return state, changes
-
-
-# Options whose change makes a resumed run train something else (refused without --resume-force), less their
-# performance settings.
-_RESUME_MEANING_OPTIONS = ('dataset_kwargs.', 'network_kwargs.')
-_RESUME_MEANING_EXCEPT = ('dataset_kwargs.cache:', 'network_kwargs.use_fp16:')
-
-
-# Options that a resumed run may set afresh without changing what it trains: where it runs, how fast, how it reports.
-_RESUME_FREE_OPTIONS = ('run_dir', 'resume_state', 'resume_pkl', 'data_loader_kwargs', 'batch_gpu', 'total_kimg',
-                        'kimg_per_tick', 'snapshot_ticks', 'snapshot_format', 'state_dump_ticks', 'cudnn_benchmark', 'compile', 'device',
-                        'tensorboard', 'nan_policy')
-
-
-def changed_options(state_options, c):
-    """'name: old → new' for every option of `c` that differs from the state's, nested ones by their dotted path."""
-    def flatten(value, prefix):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f'{prefix}.{key}').items()}
-        return {prefix: json.dumps(value, sort_keys=True, default=str)}
-    old, new = {}, {}
-    for key in c:
-        if key not in _RESUME_FREE_OPTIONS:
-            old.update(flatten(state_options.get(key), key))
-            new.update(flatten(c[key], key))
-    return [f'{key}: {old.get(key, "unset")} → {new.get(key, "unset")}' for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key)]
-
-
-_PROCESS_COUNT_RE = re.compile(r'-gpus\d+-')   # the part of a run's description that a requeue may change
-
-
-def same_command(run_desc, desc):
-    """True when the run directory description `run_desc` is that of `desc` but for the number of processes
-    (`gpus{N}`): the global batch, which fixes what is trained, is part of both."""
-    return _PROCESS_COUNT_RE.sub('-gpus*-', run_desc) == _PROCESS_COUNT_RE.sub('-gpus*-', desc)
-
-
-def find_auto_resume(outdir, desc, nosubdir):
-    """--resume=auto: the newest training state of the newest run directory `{id}-{desc}` in `outdir` that has
-    one (`outdir` itself with --nosubdir), whatever number of processes wrote it; None when there is none, so that
-    the first launch starts afresh."""
-    if not os.path.isdir(outdir):
-        return None
-    if nosubdir:
-        candidates = [outdir]
-    else:
-        runs = [(int(m.group(1)), name) for name in os.listdir(outdir)
-                if (m := re.fullmatch(r'(\d+)-(.*)', name)) and same_command(m.group(2), desc)]
-        candidates = [os.path.join(outdir, name) for _, name in sorted(runs, reverse=True)]
-    for run_dir in candidates:
-        try:
-            return training_state.resolve_resume_path(run_dir)
-        except training_state.TrainingStateError:
-            continue
-    return None
-
-
-def read_transfer(path, net):
-    """Load a snapshot (ours or a published one, without executing code) once and check that it fits the network."""
-    try:
-        data = training_state.load_transfer(path, net, verbose=distributed.is_main())
-    except training_state.TrainingStateError as err:
-        raise click.ClickException(f'--transfer={err}')
-    nonfinite = misc.first_nonfinite_tensor(data['ema'])
-    if nonfinite is not None:
-        raise click.ClickException(f'--transfer={path}: the network\'s {nonfinite} holds NaN or infinite values')
-    return data
-
-
 def check_network_size(c, dataset):
     """Refuse network options that a snapshot could not hold (checkpoints' limits) before anything is built:
     --blocks=10**30 would otherwise build for ever, --cbase=10**6 allocate terabytes."""
@@ -345,11 +255,11 @@ def run(opts):
 
     resume_path = opts.resume
     if resume_path == 'auto':
-        resume_path = _broadcast_from_rank0(find_auto_resume(opts.outdir, desc, opts.nosubdir))
+        resume_path = _broadcast_from_rank0(resume.find_auto_resume(opts.outdir, desc, opts.nosubdir))
         distributed.print0(f'--resume=auto: {"continuing " + resume_path if resume_path else "no training state yet; starting afresh"}')
-    resume, resume_changes = read_resume(c, resume_path, opts.resume_force) if resume_path is not None else (None, [])
-    if resume is not None and resume['world_size'] != world_size:
-        distributed.print0(f'The state was written by {resume["world_size"]} processes, this run has {world_size}: '
+    state, resume_changes = resume.read_resume(c, resume_path, opts.resume_force) if resume_path is not None else (None, [])
+    if state is not None and state['world_size'] != world_size:
+        distributed.print0(f'The state was written by {state["world_size"]} processes, this run has {world_size}: '
                            f'the same global batch of {c.batch_size} images continues')
     if c.seed is None:
         c.seed = _broadcast_from_rank0(secrets.randbelow(2**31))
@@ -357,7 +267,7 @@ def run(opts):
     net = None
     if opts.dry_run or opts.transfer is not None:
         net = dry_run_build(c, dataset)
-    transfer = read_transfer(opts.transfer, net) if opts.transfer is not None else None
+    transfer = resume.read_transfer(opts.transfer, net) if opts.transfer is not None else None
 
     if opts.dry_run:
         c.run_dir = None
@@ -389,7 +299,7 @@ def run(opts):
             logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
         _print_summary(c, opts, dataset, world_size, resume_changes)
         del dataset, net
-        summary = training_loop.training_loop(**c, resume=resume, transfer=transfer)
+        summary = training_loop.training_loop(**c, resume=state, transfer=transfer)
         if summary.stopped:
             distributed.print0(f'Resume with --resume={run_dir}')
     except training_state.TrainingStateError as err:
