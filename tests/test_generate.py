@@ -200,7 +200,7 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--gnet', '{cond16}'], '--gnet'),
     (['--gnet', '{uncond}', '--guidance', '2'], '--gnet'),
     (['--gnet', '{missing}'], '--gnet'),
-    (['--sigma_min', '10', '--sigma_max', '1'], 'not below --sigma_max'),
+    (['--sigma_min', '10', '--sigma_max', '1'], '--sigma_min: sigma_min 10.0 is not below sigma_max 1.0'),
     (['--outdir', '{garbage}'], 'not a folder'),
     (['--outdir', None, '--grid', '{folder}'], 'is a folder'),
     (['--network', '{ema_tuple}'], "'ema' is a tuple, not a network"),
