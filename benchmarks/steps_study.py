@@ -324,12 +324,15 @@ def main(**kwargs):
         cells       = [],
         timing      = {},
     )
-    eval_sec = 0.0
+    paths = dict(md=os.path.join(opts.outdir, 'steps_study.md'), json=json_path, png=os.path.join(opts.outdir, 'steps_study.png'))
+    nets = {network['label']: load_network_pickle(network['snapshot'])['ema'].to(device).eval() for network in study_networks}
     for network in study_networks:
-        net = load_network_pickle(network['snapshot'])['ema'].to(device).eval()
-        network['num_params'] = sum(param.numel() for param in net.parameters())
-        for solver in opts.solvers:
-            for nfe in opts.nfe:
+        network['num_params'] = sum(param.numel() for param in nets[network['label']].parameters())
+    eval_sec = 0.0
+    # NFE 10 first, then outwards: a study stopped early still holds the comparisons that matter most.
+    for nfe in sorted(opts.nfe, key=lambda nfe: (abs(nfe - 10), nfe)):
+        for network in study_networks:
+            for solver in opts.solvers:
                 key = (network['label'], network['snapshot'], solver, nfe)
                 if key in previous:
                     study['cells'].append(previous[key])
@@ -341,8 +344,8 @@ def main(**kwargs):
                 same = next((c for c in study['cells'] if c['network'] == network['label'] and c['solver'] == solver
                              and c['options'] == options), None)  # Heun at NFE 4 is Heun at 3
                 with convergence.Stopwatch() as cell_time:
-                    fids = same['fid']['values'] if same else \
-                        block_fids(net, sampler_name, options, blocks, opts.eval_batch, detector, reference, device)
+                    fids = same['fid']['values'] if same else block_fids(
+                        nets[network['label']], sampler_name, options, blocks, opts.eval_batch, detector, reference, device)
                 eval_sec += cell_time.wall_sec
                 cell = dict(network=network['label'], snapshot=network['snapshot'], solver=solver, nfe=nfe,
                             nfe_used=nfe_used, sampler=sampler_name, options=options, fid=metrics.block_summary(fids),
@@ -350,22 +353,24 @@ def main(**kwargs):
                 study['cells'].append(cell)
                 print(f'{network["label"]:<8} {solver:<6} NFE {nfe_used:3d}   FID {format_fid(cell["fid"]):>16}   '
                       f'min {cell["fid"]["min"]:7.2f}   ({cell_time.wall_sec:5.0f} s)', flush=True)
-                common.write_json(json_path, dict(study, cells=study['cells']))
-    study_time.stop()
-    study['timing'] = dict(total_sec=study_time.wall_sec, train_sec=train_time.wall_sec,
-                           reference_sec=reference_time.wall_sec, eval_sec=eval_sec)
-    summary = summarise(study)
-    study['summary'] = summary
-    paths = dict(md=os.path.join(opts.outdir, 'steps_study.md'), json=json_path, png=os.path.join(opts.outdir, 'steps_study.png'))
-    text = report_markdown(study, summary)
-    common.write_text(paths['md'], text)
-    common.write_json(paths['json'], study)
-    plot(paths['png'], study)
+                write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
+    text = write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
     print()
     print(text)
     for kind, path in paths.items():
         print(f'{kind.upper() + ":":<5} {path}')
 
+
+def write_outputs(paths, study, study_time, train_time, reference_time, eval_sec):
+    """The markdown, JSON and plot of the cells measured so far; returns the markdown."""
+    study['timing'] = dict(total_sec=time.perf_counter() - study_time.wall_start, train_sec=train_time.wall_sec,
+                           reference_sec=reference_time.wall_sec, eval_sec=eval_sec)
+    study['summary'] = summarise(study)
+    text = report_markdown(study, study['summary'])
+    common.write_text(paths['md'], text)
+    common.write_json(paths['json'], study)
+    plot(paths['png'], study)
+    return text
 
 if __name__ == '__main__':
     main()

@@ -358,12 +358,13 @@ def ipndm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     sigma_max=80,               # First level, lowered to net.sigma_max if needed.
     schedule='edm',             # Step schedule (schedules.STEP_SCHEDULES).
     rho=7,                      # Exponent of the 'edm' step schedule.
-    order=4,                    # Highest Adams–Bashforth order, 1-4; the first steps use what history there is.
+    order=None,                 # Adams–Bashforth order 1-4; None = 4, or num_steps if fewer. The first steps use lower ones.
     afs=False,                  # Analytical first step: ε(x; σ_max) taken as x/σ_max, one evaluation fewer.
 ):
     """Improved PNDM (Zhang & Chen 2023): Adams–Bashforth with the fixed equal-step weights on
     dx/dσ = ε(x; σ) = (x − D(x; σ))/σ, order 1, 2, … at the start as the history of ε grows. `randn_like` is unused."""
     check_options('ipndm', num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, order=order, afs=afs)
+    order = order or min(MAX_ORDER['ipndm'], num_steps)
     sigmas = _step_sigmas(net, schedule, num_steps + 1, sigma_min, sigma_max, rho, latents.device)
     sigma_values = sigmas.tolist()  # one host sync, before the loop
     x = latents.to(torch.float64) * sigmas[0]
@@ -396,13 +397,14 @@ def deis_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     sigma_max=80,               # First level, lowered to net.sigma_max if needed.
     schedule='edm',             # Step schedule (schedules.STEP_SCHEDULES).
     rho=7,                      # Exponent of the 'edm' step schedule.
-    order=3,                    # Polynomial order 1-3 (degree + 1); the first steps use what history there is.
+    order=None,                 # Polynomial order 1-3 (degree + 1); None = 3, or num_steps if fewer. The first steps use lower ones.
     afs=False,                  # Analytical first step: ε(x; σ_max) taken as x/σ_max, one evaluation fewer.
 ):
     """tAB-DEIS (Zhang & Chen 2023) in the EDM time t = σ: dx/dσ = ε(x; σ) has no linear part, so the exponential
     integrator is x_{i+1} = x_i + Σ_j C_ij·ε_{i−j} with C_ij = ∫_{σ_i}^{σ_{i+1}} ℓ_j(σ) dσ, ℓ_j the Lagrange basis
     of the last `order` levels: Adams–Bashforth with the weights of the actual, unequal steps. `randn_like` is unused."""
     check_options('deis', num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, order=order, afs=afs)
+    order = order or min(MAX_ORDER['deis'], num_steps)
     sigmas = _step_sigmas(net, schedule, num_steps + 1, sigma_min, sigma_max, rho, latents.device)
     sigma_values = sigmas.tolist()  # one host sync, before the loop
     x = latents.to(torch.float64) * sigmas[0]
@@ -453,7 +455,7 @@ def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     sigma_max=80,               # First level, lowered to net.sigma_max if needed.
     schedule='edm',             # Step schedule (schedules.STEP_SCHEDULES).
     rho=7,                      # Exponent of the 'edm' step schedule.
-    order=3,                    # Predictor order 1-3; the corrector adds one; the first steps use what history there is.
+    order=None,                 # Predictor order 1-3 (the corrector adds one); None = 3, or num_steps if fewer. The first steps use lower ones.
     afs=False,                  # Analytical first step: D(x; σ_max) taken as 0, one evaluation fewer.
 ):
     """UniPC-bh2 (Zhao et al. 2023), data prediction in λ = −ln σ: each step predicts with the last `order` values
@@ -461,6 +463,7 @@ def unipc_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     (UniC), without another evaluation; the next step starts from the corrected x and the evaluated D. The last
     step, with no evaluation after it, is not corrected. `randn_like` is unused."""
     check_options('unipc', num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule=schedule, order=order, afs=afs)
+    order = order or min(MAX_ORDER['unipc'], num_steps)
     sigmas = _step_sigmas(net, schedule, num_steps + 1, sigma_min, sigma_max, rho, latents.device)
     lambdas = (-sigmas.log()).tolist()  # one host sync, before the loop
     x = latents.to(torch.float64) * sigmas[0]
@@ -537,7 +540,7 @@ NFE_PER_IMAGE = {
 # Fewest steps: the σ schedules of the first three need two levels; the multistep ones can take one step (and
 # need one evaluation beyond the analytical first step); 3M reaches its order in three.
 MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1, 'ipndm': 1, 'unipc': 1, 'deis': 1, 'dpm3m': 3}
-MAX_ORDER = {'ipndm': 4, 'unipc': 3, 'deis': 3}
+MAX_ORDER = {'ipndm': 4, 'unipc': 3, 'deis': 3}  # also their default orders, where the steps allow
 AFS_SAMPLERS = [name for name in NFE_PER_IMAGE if name in ('dpm2m', 'ipndm', 'unipc', 'deis', 'dpm3m')]
 
 
@@ -578,7 +581,7 @@ def check_options(sampler_name, **options):
         raise SamplerOptionError(f'sigma_min {o["sigma_min"]} is not below sigma_max {o["sigma_max"]}', 'sigma_min')
     if sampler_name != 'ablation' and o['schedule'] not in schedules.STEP_SCHEDULES:
         raise SamplerOptionError(f'schedule must be one of {", ".join(schedules.STEP_SCHEDULES)}, got {o["schedule"]!r}', 'schedule')
-    if 'order' in o:
+    if o.get('order') is not None:  # None: the highest order the steps allow
         if o['order'] not in range(1, MAX_ORDER[sampler_name] + 1):
             raise SamplerOptionError(f'order must be 1 to {MAX_ORDER[sampler_name]} for the {sampler_name} sampler, '
                                      f'got {o["order"]}', 'order')
