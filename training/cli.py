@@ -197,15 +197,12 @@ def sampler_from_options(options):
         if nfe is not None:
             if 'num_steps' in options:
                 raise click.UsageError('give --steps or --nfe, not both')
-            try:
-                options['num_steps'] = sampling.steps_for_nfe(sampler_name, nfe, **options)
-            except sampling.SamplerOptionError:
-                raise
-            except ValueError as error:
-                raise click.BadParameter(str(error), param_hint='--nfe') from None
+            options['num_steps'] = sampling.steps_for_nfe(sampler_name, nfe, **options)
         sampling.check_options(sampler_name, **options)
     except sampling.SamplerOptionError as error:
         raise click.BadParameter(str(error), param_hint=FLAGS.get(error.keyword, error.keyword)) from None
+    except ValueError as error:  # from steps_for_nfe: no step count makes exactly that many evaluations
+        raise click.BadParameter(str(error), param_hint='--nfe') from None
     return sampler_name, options
 
 

@@ -4,7 +4,8 @@ Every sampler is one function `(net, latents, class_labels=None, randn_like=torc
 -> images` with no hidden state (docs/design.md#samplers): `net(x, sigma, class_labels)` is the denoiser D(x; σ),
 `latents` are unit Gaussian, `randn_like` is the noise source of stochastic steps. The state is kept in
 float64 so that step arithmetic does not lose precision at small σ; the network itself runs in its own
-precision. The σ grids they step through are in training/schedules.py.
+precision. The σ grids they step through are in training/schedules.py. `check_options` is the one check of
+their options, `NFE_PER_IMAGE` the one count of their network evaluations.
 """
 
 import contextlib
@@ -82,6 +83,21 @@ def _denoise(net, x, sigma, class_labels):
 def _round_sigma(net, sigma):
     """The net's supported σ nearest to `sigma`, kept in float64 whatever dtype the net rounds in."""
     return net.round_sigma(sigma).to(torch.float64)
+
+
+def _step_sigmas(net, schedule, num_levels, sigma_min, sigma_max, rho, device):
+    """`num_levels` levels of the step schedule, σ_max to σ_min clamped to the net's range, rounded by the net."""
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+    return _round_sigma(net, schedules.step_sigmas(schedule, num_levels, sigma_min, sigma_max, rho, device=device))
+
+
+def _denoise_or_afs(net, x, sigma, class_labels, analytical):
+    """D(x; σ), or with `analytical` the analytical first step's D = 0, i.e. ε = x/σ: at σ_max the noise is
+    so much larger than the data that the denoiser returns about the data mean, which is near 0."""
+    if analytical:
+        return torch.zeros_like(x)
+    return _denoise(net, x, sigma, class_labels)
 
 
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
@@ -329,21 +345,6 @@ def dpm_solver_2m(net, latents, class_labels=None, randn_like=torch.randn_like,
 # and returns x at σ_min, where the noise left (σ_min = 0.002 ≪ 1/255) is below one uint8 level.
 
 
-def _step_sigmas(net, schedule, num_levels, sigma_min, sigma_max, rho, device):
-    """`num_levels` levels of the step schedule, σ_max to σ_min clamped to the net's range, rounded by the net."""
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    return _round_sigma(net, schedules.step_sigmas(schedule, num_levels, sigma_min, sigma_max, rho, device=device))
-
-
-def _denoise_or_afs(net, x, sigma, class_labels, analytical):
-    """D(x; σ), or with `analytical` the analytical first step's D = 0, i.e. ε = x/σ: at σ_max the noise is
-    so much larger than the data that the denoiser returns about the data mean, which is near 0."""
-    if analytical:
-        return torch.zeros_like(x)
-    return _denoise(net, x, sigma, class_labels)
-
-
 IPNDM_COEFFICIENTS = {  # Adams–Bashforth weights of ε_i, ε_{i−1}, … for equal steps, by order
     1: [1],
     2: [3 / 2, -1 / 2],
@@ -541,7 +542,7 @@ NFE_PER_IMAGE = {
 # need one evaluation beyond the analytical first step); 3M reaches its order in three.
 MIN_NUM_STEPS = {'edm': 2, 'ablation': 2, 'dpm': 2, 'dpm2m': 1, 'ipndm': 1, 'unipc': 1, 'deis': 1, 'dpm3m': 3}
 MAX_ORDER = {'ipndm': 4, 'unipc': 3, 'deis': 3}  # also their default orders, where the steps allow
-AFS_SAMPLERS = [name for name in NFE_PER_IMAGE if name in ('dpm2m', 'ipndm', 'unipc', 'deis', 'dpm3m')]
+AFS_SAMPLERS = ['dpm2m', 'ipndm', 'unipc', 'deis', 'dpm3m']  # the multistep ones, whose first step is a plain D(x; σ_max)
 
 
 class SamplerOptionError(ValueError):
