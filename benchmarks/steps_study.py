@@ -10,8 +10,9 @@ FID vs NFE, and states at which NFE each FDM network reaches its baseline's best
     python benchmarks/steps_study.py --network=a.pkl --network=b.pkl --nfe=5,10,20 --device=cuda --block-size=10000
 
 A solver that cannot make exactly N evaluations (Heun: 2·steps − 1, always odd) runs at the largest count below N;
-the table marks such cells and the JSON records the NFE actually used. The study is resumable: results are written
-after every cell and cells already in --outdir's JSON are not measured again.
+the table marks such cells and the JSON records the NFE actually used. The study is resumable and cumulative: results
+are written after every cell, cells already in --outdir's JSON (same settings) are not measured again, and they stay
+in the table when a later run asks for other solvers or NFE.
 """
 
 import json
@@ -148,7 +149,8 @@ def format_fid(fid):
 
 def report_markdown(study, summary):
     s = study['settings']
-    nfes = s['nfe']
+    nfes = sorted({cell['nfe'] for cell in study['cells']} | set(s['nfe']))
+    solvers = list(dict.fromkeys(s['solvers'] + [cell['solver'] for cell in study['cells']]))
     schedule = s['schedule'] or "each solver's default"
     lines = [
         '# FID vs sampling NFE, per solver',
@@ -171,7 +173,7 @@ def report_markdown(study, summary):
                 next((c for c in study['cells'] if c['network'] == network['label'] and c['solver'] == solver
                       and c['nfe'] == nfe), None))
             for nfe in nfes]
-        for network in study['networks'] for solver in s['solvers']]), '']
+        for network in study['networks'] for solver in solvers]), '']
     lines += ['## Conclusions', '']
     for label, cell in summary['best'].items():
         if cell is not None:
@@ -208,7 +210,7 @@ def plot(path, study):
     figure, ax = plt.subplots(figsize=(8, 5))
     styles = ['-', '--', ':', '-.']
     for network_index, network in enumerate(study['networks']):
-        for solver_index, solver in enumerate(study['settings']['solvers']):
+        for solver_index, solver in enumerate(dict.fromkeys(study['settings']['solvers'] + [c['solver'] for c in study['cells']])):
             cells = sorted((c for c in study['cells'] if c['network'] == network['label'] and c['solver'] == solver),
                            key=lambda c: c['nfe_used'])
             if cells:
@@ -354,6 +356,9 @@ def main(**kwargs):
                 print(f'{network["label"]:<8} {solver:<6} NFE {nfe_used:3d}   FID {format_fid(cell["fid"]):>16}   '
                       f'min {cell["fid"]["min"]:7.2f}   ({cell_time.wall_sec:5.0f} s)', flush=True)
                 write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
+    measured = {(c['network'], c['snapshot'], c['solver'], c['nfe']) for c in study['cells']}
+    study['cells'] += [cell for key, cell in previous.items() if key not in measured and
+                       any(key[:2] == (network['label'], network['snapshot']) for network in study_networks)]
     text = write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
     print()
     print(text)
