@@ -331,6 +331,10 @@ def main(**kwargs):
     for network in study_networks:
         network['num_params'] = sum(param.numel() for param in nets[network['label']].parameters())
     eval_sec = 0.0
+    grid = {(network['label'], network['snapshot'], solver, nfe) for network in study_networks for solver in opts.solvers
+            for nfe in opts.nfe}
+    study['cells'] = [cell for key, cell in previous.items() if key not in grid and
+                      any(key[:2] == (network['label'], network['snapshot']) for network in study_networks)]
     # NFE 10 first, then outwards: a study stopped early still holds the comparisons that matter most.
     for nfe in sorted(opts.nfe, key=lambda nfe: (abs(nfe - 10), nfe)):
         for network in study_networks:
@@ -356,9 +360,6 @@ def main(**kwargs):
                 print(f'{network["label"]:<8} {solver:<6} NFE {nfe_used:3d}   FID {format_fid(cell["fid"]):>16}   '
                       f'min {cell["fid"]["min"]:7.2f}   ({cell_time.wall_sec:5.0f} s)', flush=True)
                 write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
-    measured = {(c['network'], c['snapshot'], c['solver'], c['nfe']) for c in study['cells']}
-    study['cells'] += [cell for key, cell in previous.items() if key not in measured and
-                       any(key[:2] == (network['label'], network['snapshot']) for network in study_networks)]
     text = write_outputs(paths, study, study_time, train_time, reference_time, eval_sec)
     print()
     print(text)
