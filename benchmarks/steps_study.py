@@ -198,8 +198,9 @@ def report_markdown(study, summary):
                 lines.append(f'- {network["label"]} at NFE {nfe}: best new solver {best_new["solver"]} '
                              f'{format_fid(best_new["fid"])} (minimum over blocks {best_new["fid"]["min"]:.1f}); {others}.')
     t = study['timing']
-    lines += ['', f'Time: {dnnlib.util.format_time(t["total_sec"])} wall, of it reference statistics '
-              f'{t["reference_sec"]:.0f} s, training {t["train_sec"]:.0f} s, sampling + FID {t["eval_sec"]:.0f} s.', '']
+    lines += ['', f'Time of the last run: {dnnlib.util.format_time(t["total_sec"])} wall, of it reference statistics '
+              f'{t["reference_sec"]:.0f} s, training {t["train_sec"]:.0f} s, sampling + FID {t["eval_sec"]:.0f} s; '
+              f'sampling + FID of all {len(study["cells"])} cells, over all runs: {t["cells_sec"]:.0f} s.', '']
     return '\n'.join(lines)
 
 
@@ -331,17 +332,14 @@ def main(**kwargs):
     for network in study_networks:
         network['num_params'] = sum(param.numel() for param in nets[network['label']].parameters())
     eval_sec = 0.0
-    grid = {(network['label'], network['snapshot'], solver, nfe) for network in study_networks for solver in opts.solvers
-            for nfe in opts.nfe}
-    study['cells'] = [cell for key, cell in previous.items() if key not in grid and
-                      any(key[:2] == (network['label'], network['snapshot']) for network in study_networks)]
+    study['cells'] = [cell for key, cell in previous.items()
+                      if any(key[:2] == (network['label'], network['snapshot']) for network in study_networks)]
     # NFE 10 first, then outwards: a study stopped early still holds the comparisons that matter most.
     for nfe in sorted(opts.nfe, key=lambda nfe: (abs(nfe - 10), nfe)):
         for network in study_networks:
             for solver in opts.solvers:
                 key = (network['label'], network['snapshot'], solver, nfe)
                 if key in previous:
-                    study['cells'].append(previous[key])
                     continue
                 choice = solver_steps(solver, nfe, opts.schedule, opts.afs)
                 if choice is None:
@@ -370,7 +368,8 @@ def main(**kwargs):
 def write_outputs(paths, study, study_time, train_time, reference_time, eval_sec):
     """The markdown, JSON and plot of the cells measured so far; returns the markdown."""
     study['timing'] = dict(total_sec=time.perf_counter() - study_time.wall_start, train_sec=train_time.wall_sec,
-                           reference_sec=reference_time.wall_sec, eval_sec=eval_sec)
+                           reference_sec=reference_time.wall_sec, eval_sec=eval_sec,
+                           cells_sec=sum(cell['sec'] for cell in study['cells']))
     study['summary'] = summarise(study)
     text = report_markdown(study, study['summary'])
     common.write_text(paths['md'], text)
