@@ -192,14 +192,21 @@ def ref(data_path, dest_path, num_images, seed, features_dtype, max_batch_size, 
               type=str, default='fid', show_default=True)
 @_common_options
 @click.option('--seeds',                 help='--network: seeds of the images [default: 0 to num-1]', metavar='LIST', type=cli.SeedList())
+@click.option('--blocks', 'num_blocks',  help='--network: FID of this many disjoint blocks of the seeds (mean ± std, minimum)', metavar='INT', type=click.IntRange(min=1))
 @cli.sampler_options
 def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_batch_size, workers, detector, device, seeds,
-         class_idx, precision, guidance, gnet_url, **sampler_options):
+         num_blocks, class_idx, precision, guidance, gnet_url, **sampler_options):
     """FID (and KID, precision/recall) of images (a folder, a ZIP, or generated on the fly) against a reference.
 
     With --network, the images are those generate.py writes for --seeds with the same sampler options
-    (--class, --steps, --solver, ... --precision, as in generate.py). KID and precision/recall need a
-    reference written with `fid.py ref --features`.
+    (--class, --steps or --nfe, --solver, ... --precision, as in generate.py); --blocks=K cuts the seeds into K
+    disjoint consecutive blocks and reports each block's FID, their mean ± std and the minimum (the published
+    protocol: the minimum over 3 seed sets). KID and precision/recall need a reference written with
+    `fid.py ref --features`.
+
+    \b
+    python fid.py calc --network=network-snapshot.pkl --ref=fid-refs/cifar10-32x32.npz --seeds=0-149999 \\
+        --blocks=3 --solver=unipc --nfe=10
     """
     metric_names = list(dict.fromkeys(name.strip() for name in metric_list.split(',')))
     for name in metric_names:
@@ -207,10 +214,12 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
             raise click.BadParameter(f'{name!r} is not one of {", ".join(feature_metrics.METRICS)}', param_hint='--metrics')
     if (image_path is None) == (network_pkl is None):
         raise click.UsageError('give exactly one of --images and --network')
-    if network_pkl is None and any(value is not None for value in [seeds, class_idx, precision, guidance, gnet_url,
-                                                                    *sampler_options.values()]):
-        raise click.UsageError('--seeds, --class, --guidance, --gnet, --precision and the sampler options apply to '
-                               '--network only')
+    if network_pkl is None and any(value is not None for value in [seeds, num_blocks, class_idx, precision, guidance,
+                                                                    gnet_url, *sampler_options.values()]):
+        raise click.UsageError('--seeds, --blocks, --class, --guidance, --gnet, --precision and the sampler options apply '
+                               'to --network only')
+    if num_blocks is not None and metric_names != ['fid']:
+        raise click.BadParameter('measures FID only; leave out --metrics', param_hint='--blocks')
     if seeds is not None and num_images is not None and num_images != len(seeds):
         raise click.BadParameter(f'--seeds lists {len(seeds)} seeds but --num={num_images}', param_hint='--num')
     num_images = num_images or (len(seeds) if seeds is not None else 50000)
@@ -218,6 +227,11 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
         seeds = seeds if seeds is not None else list(range(num_images))
         if len(seeds) < 2:
             raise click.BadParameter(f'{len(seeds)} seed: a covariance needs at least 2 images', param_hint='--seeds')
+        if num_blocks is not None:
+            try:
+                seed_blocks = metrics.seed_blocks(seeds, num_blocks)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint='--blocks') from None
         sampler_name, sampler_kwargs = cli.sampler_from_options(sampler_options)
 
     device, precision, detector_net = _init(device, detector, precision)
@@ -232,6 +246,9 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
                                  f'make it with fid.py ref --features', param_hint='--metrics')
     dist.print0(f'Detector: {detector_net.identity}')
 
+    if num_blocks is not None:
+        return _calc_blocks(detector_net, network_pkl, seed_blocks, class_idx, precision, guidance, gnet_url, sampler_name,
+                            sampler_kwargs, max_batch_size, device, reference, ref_path)
     if network_pkl is None:
         stats, _ = _dataset_stats(detector_net, image_path, num_images, seed, max_batch_size, workers, device, '--images',
                                   keep_features=bool(needing_features), reference=reference, ref_path=ref_path)
@@ -256,6 +273,32 @@ def calc(image_path, network_pkl, ref_path, num_images, seed, metric_list, max_b
             print(f'Metrics of {stats.num} images against {ref_path} ({reference["num_images"] or "?"} images), '
                   f'detector {detector_net.identity}:')
             print(format_results(results))
+    dist.barrier()
+    dist.shutdown()
+    return results
+
+
+def _calc_blocks(detector_net, network_pkl, seed_blocks, class_idx, precision, guidance, gnet_url, sampler_name,
+                 sampler_kwargs, max_batch_size, device, reference, ref_path):
+    """FID of each seed block; rank 0 prints them and their summary and returns metrics.block_summary's dict."""
+    fids = []
+    for block in seed_blocks:
+        stats = _network_stats(detector_net, network_pkl, block, class_idx, precision, guidance, gnet_url, sampler_name,
+                               sampler_kwargs, max_batch_size, device, reference=reference, ref_path=ref_path)
+        if stats.feature_dim != len(reference['mu']):
+            raise click.BadParameter(f'{ref_path} holds {len(reference["mu"])} features per image, the detector gives '
+                                     f'{stats.feature_dim}', param_hint='--ref')
+        if dist.is_main():
+            fids.append(metrics.frechet_distance(*stats.mean_cov(), reference['mu'], reference['sigma']))
+    results = None
+    if dist.is_main():
+        results = dict(fid_blocks=metrics.block_summary(fids))
+        summary = results['fid_blocks']
+        print(f'FID of {len(seed_blocks)} blocks of {len(seed_blocks[0])} images against {ref_path} '
+              f'({reference["num_images"] or "?"} images), detector {detector_net.identity}:')
+        for index, (block, fid) in enumerate(zip(seed_blocks, fids)):
+            print(f'block {index} seeds {block[0]}-{block[-1]} fid {fid:g}')
+        print(f'fid mean {summary["mean"]:g} std {summary["std"]:g} min {summary["min"]:g}')
     dist.barrier()
     dist.shutdown()
     return results

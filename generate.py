@@ -100,6 +100,11 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
         --network=training-runs/00000-cifar10-cond-ddpmpp-fdm_edm/network-snapshot-200000.pkl
 
     \b
+    # Few steps: UniPC with exactly 10 network evaluations (--solver ipndm|unipc|deis|dpm3m|dpm2m|dpm|heun,
+    # --schedule edm|time|logsnr|polylog, --afs for the multistep solvers)
+    python generate.py --outdir=out --seeds=0-63 --solver=unipc --nfe=10 --network=network-snapshot-200000.pkl
+
+    \b
     # 50,000 images for FID on 8 GPUs with DPM-Solver++
     torchrun --standalone --nproc_per_node=8 generate.py --outdir=fid --seeds=0-49999 --subdirs \\
         --solver=dpm --network=network-snapshot-200000.pkl
@@ -128,8 +133,9 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     distributed.barrier()  # no rank writes before the stale temporaries are gone
 
     rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
-    distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} in {precision} '
-        f'on {world_size} process(es) to "{outdir or grid_path}"...')
+    nfe = sampling.network_evaluations(sampler_name, **sampler_options)
+    distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} ({nfe} network '
+        f'evaluations per image) in {precision} on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}
     with tqdm.tqdm(total=len(seeds), unit='img', disable=rank != 0) as progress:  # closed first: an error gets its own line
         for round_index, batch_seeds in enumerate(rank_batches):

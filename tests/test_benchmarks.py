@@ -269,3 +269,57 @@ def test_markdown_table_right_aligns_numbers_and_formats_floats():
         '| EDM     | 12.35 |',
         '| EDM-FDM |     – |',
     ]
+
+
+# Steps study.
+
+
+@pytest.fixture(scope='module')
+def steps_study(tmp_path_factory, tiny_dataset, tiny_detector):
+    """A tiny steps study: the EDM pair trained for 2 steps of 4 images, 2 solvers at NFE 3 and 4, 2 blocks of 4."""
+    outdir = tmp_path_factory.mktemp('steps')
+    stdout = run_script('benchmarks/steps_study.py', f'--data={tiny_dataset}', f'--detector={tiny_detector}',
+                        '--cbase=4', '--cres=1', '--batch=4', '--kimg=0.008', '--solvers=heun,unipc', '--nfe=3,4',
+                        '--blocks=2', '--block-size=4', '--eval-batch=4', '--device=cpu', '--threads=1', f'--outdir={outdir}')
+    with open(outdir / 'steps_study.json') as f:
+        study = json.load(f)
+    return dict(stdout=stdout, outdir=outdir, study=study)
+
+
+def test_steps_study_measures_every_network_solver_and_nfe_over_the_blocks(steps_study):
+    study = steps_study['study']
+    assert [network['label'] for network in study['networks']] == ['EDM', 'EDM-FDM']
+    cells = {(c['network'], c['solver'], c['nfe']): c for c in study['cells']}
+    assert sorted(cells) == sorted((n, s, nfe) for n in ('EDM', 'EDM-FDM') for s in ('heun', 'unipc') for nfe in (3, 4))
+    for cell in cells.values():
+        assert len(cell['fid']['values']) == 2 and cell['fid']['min'] == min(cell['fid']['values'])
+        assert cell['fid']['mean'] == pytest.approx(np.mean(cell['fid']['values']))
+    assert cells['EDM', 'heun', 4]['nfe_used'] == 3 and cells['EDM', 'heun', 4]['options']['num_steps'] == 2  # Heun's NFE is odd
+    assert cells['EDM', 'unipc', 4]['nfe_used'] == 4 and cells['EDM', 'unipc', 4]['options']['num_steps'] == 4
+    assert cells['EDM', 'heun', 3]['fid'] == cells['EDM', 'heun', 4]['fid']  # the same images
+
+
+def test_steps_study_writes_table_plot_and_the_match_statement(steps_study):
+    outdir, study = steps_study['outdir'], steps_study['study']
+    markdown = (outdir / 'steps_study.md').read_text()
+    assert re.search(r'^\| network +\| solver \| NFE 3 +\| NFE 4 +\|', markdown, re.MULTILINE)  # (NFE 5 once the next test ran)
+    assert markdown in steps_study['stdout']
+    [match] = study['summary']['matches']
+    assert match['network'] == 'EDM-FDM' and match['baseline'] == 'EDM'
+    assert ('EDM-FDM reaches' in markdown) == (match['first_match'] is not None)
+    with PIL.Image.open(outdir / 'steps_study.png') as image:
+        assert image.format == 'PNG'
+
+
+def test_steps_study_keeps_earlier_cells_and_measures_only_new_ones(steps_study, tiny_dataset, tiny_detector):
+    outdir = steps_study['outdir']
+    stdout = run_script('benchmarks/steps_study.py', f'--data={tiny_dataset}', f'--detector={tiny_detector}',
+                        '--cbase=4', '--cres=1', '--batch=4', '--kimg=0.008', '--solvers=unipc', '--nfe=3,5',
+                        '--blocks=2', '--block-size=4', '--eval-batch=4', '--device=cpu', '--threads=1', f'--outdir={outdir}')
+    assert 'Training ' not in stdout and stdout.count('NFE   5') == 2 and 'NFE   3' not in stdout  # only the new cells
+    with open(outdir / 'steps_study.json') as f:
+        cells = {(c['network'], c['solver'], c['nfe']): c for c in json.load(f)['cells']}
+    assert ('EDM', 'heun', 4) in cells and ('EDM-FDM', 'unipc', 5) in cells
+    assert cells['EDM', 'unipc', 3] == steps_study['study']['cells'][[(c['network'], c['solver'], c['nfe'])
+                                                                       for c in steps_study['study']['cells']].index(('EDM', 'unipc', 3))]
+    assert re.search(r'^\| network +\| solver \| NFE 3 +\| NFE 4 +\| NFE 5 +\|$', (outdir / 'steps_study.md').read_text(), re.MULTILINE)

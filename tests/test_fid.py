@@ -411,3 +411,28 @@ def test_calc_of_one_generated_image_is_one_line(setup, tmp_path):
     result = run_fid('calc', '--network', tmp_path / 'net.pkl', '--seeds', 0, '--steps', 2, '--ref', setup['ref'],
                      '--detector', setup['detector'], '--device', 'cpu')
     assert_one_line_error(result, 'at least 2 images')
+
+
+def test_calc_blocks_reports_each_disjoint_seed_block_and_their_summary(setup, tmp_path):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    common = ['--ref', setup['ref'], '--detector', setup['detector'], '--solver', 'unipc', '--nfe', 3]
+    per_block = [fid_of(run_fid('calc', '--network', network_pkl, *common, '--seeds', seeds)) for seeds in ('0-3', '4-7', '8-11')]
+    result = run_fid('calc', '--network', network_pkl, *common, '--seeds', '0-11', '--blocks', 3)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [float(line.split()[-1]) for line in lines[-4:-1]] == per_block
+    assert lines[-4].startswith('block 0 seeds 0-3 fid') and lines[-2].startswith('block 2 seeds 8-11 fid')
+    _, _, mean, _, std, _, minimum = lines[-1].split()
+    assert float(mean) == pytest.approx(np.mean(per_block), rel=1e-5)
+    assert float(std) == pytest.approx(np.std(per_block, ddof=1), rel=1e-5)
+    assert float(minimum) == pytest.approx(min(per_block), rel=1e-5)
+
+
+@pytest.mark.parametrize('extra, fragment', [(['--seeds', '0-9', '--blocks', 3], '--blocks'),
+                                             (['--seeds', '0-8', '--blocks', 3, '--metrics', 'kid'], '--blocks')])
+def test_calc_blocks_that_cannot_work_are_one_line_errors(setup, tmp_path, extra, fragment):
+    network_pkl = tmp_path / 'network.pkl'
+    network_pkl.write_bytes(pickle.dumps({'ema': tiny_net()}))
+    assert_one_line_error(run_fid('calc', '--network', network_pkl, '--ref', setup['ref'], '--detector', setup['detector'],
+                                  *extra), fragment)

@@ -108,6 +108,27 @@ def test_two_processes_write_the_same_files(network_pickles, batch3_files, tmp_p
     assert read_tree(tmp_path) == batch3_files
 
 
+FEW_STEPS = ['--solver', 'unipc', '--nfe', '4', '--schedule', 'logsnr', '--afs']  # a multistep solver, its options
+
+
+def few_step_files(network, outdir, *extra):
+    result = run_generate('--network', network, '--outdir', outdir, '--seeds', SEEDS, *FEW_STEPS, *extra)
+    assert result.exit_code == 0, result.output
+    assert '(4 network evaluations per image)' in result.output
+    return read_tree(outdir)
+
+
+def test_few_step_solver_files_do_not_depend_on_the_batch_or_the_processes(network_pickles, tmp_path):
+    batch3 = few_step_files(network_pickles['cond'], tmp_path / 'b3', '--batch', 3)
+    assert few_step_files(network_pickles['cond'], tmp_path / 'b1', '--batch', 1) == batch3
+    run_torchrun(['generate.py', '--network', network_pickles['cond'], '--outdir', tmp_path / 'p2', '--seeds', SEEDS,
+                  *FEW_STEPS, '--batch', '2', '--device', 'cpu'], threads=torch.get_num_threads())
+    assert read_tree(tmp_path / 'p2') == batch3
+    net = pickle.loads(network_pickles['cond'].read_bytes())['ema']
+    expected = sampling.generate_images(net, [1000], 'unipc', dict(num_steps=5, schedule='logsnr', afs=True), 'cpu')
+    assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(batch3['001000.png']))), expected[0].permute(1, 2, 0).numpy())
+
+
 def test_png_holds_the_library_images(network_pickles, batch3_files):
     net = pickle.loads(network_pickles['cond'].read_bytes())['ema']
     expected = sampling.generate_images(net, [0, 1000], 'edm', dict(num_steps=3), 'cpu')
@@ -192,6 +213,15 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
 # Bad input: one line, no traceback.
 
 
+@pytest.mark.parametrize('solver', ['heun', 'dpm'])
+def test_afs_with_a_solver_that_cannot_use_it_is_a_one_line_error(network_pickles, tmp_path, solver):
+    result = CliRunner().invoke(generate.main, ['--network', str(network_pickles['cond']), '--outdir', str(tmp_path / 'out'),
+                                                '--steps', '3', '--solver', solver, '--afs', '--device', 'cpu'])
+    error_lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert result.exit_code != 0 and len(error_lines) == 1 and '--afs' in error_lines[0], result.output
+    assert 'analytical first step needs a multistep solver' in error_lines[0]
+
+
 @pytest.mark.parametrize('args, message', [
     (['--network', '{missing}'], '--network'),
     (['--network', '{garbage}'], '--network'),
@@ -214,7 +244,14 @@ def test_every_seed_goes_to_exactly_one_rank(num_seeds, max_batch_size, world_si
     (['--gnet', '{cond16}'], '--gnet'),
     (['--gnet', '{uncond}', '--guidance', '2'], '--gnet'),
     (['--gnet', '{missing}'], '--gnet'),
-    (['--sigma_min', '10', '--sigma_max', '1'], 'not below --sigma_max'),
+    (['--schedule', 'cosine'], "'--schedule'"),
+    (['--solver', 'ipndm', '--steps', None, '--nfe', '3', '--order', '4'], '--order: order 4 needs at least 4 steps'),
+    (['--solver', 'unipc', '--order', '4'], '--order'),
+    (['--steps', None, '--nfe', '10'], '--nfe: the edm sampler cannot make exactly 10 network evaluations; possible: 3, 5, 7'),
+    (['--nfe', '5'], '--steps or --nfe, not both'),
+    (['--solver', 'euler', '--schedule', 'logsnr'], 'step schedule'),
+    (['--solver', 'dpm3m', '--disc', 'vp'], '--disc'),
+    (['--sigma_min', '10', '--sigma_max', '1'], '--sigma_min: sigma_min 10.0 is not below sigma_max 1.0'),
     (['--outdir', '{garbage}'], 'not a folder'),
     (['--outdir', None, '--grid', '{folder}'], 'is a folder'),
     (['--network', '{ema_tuple}'], "'ema' is a tuple, not a network"),

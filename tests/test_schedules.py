@@ -49,3 +49,31 @@ def test_fdm_input_scale_closed_form():
         got = schedules.fdm_input_scale(sigma, sigma_min, sigma_max, multiplier=m)
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
     assert schedules.fdm_input_scale(torch.tensor(sigma_min), sigma_min, sigma_max).item() == 1.0
+
+
+@pytest.mark.parametrize('name', list(schedules.STEP_SCHEDULES))
+def test_step_schedules_run_from_sigma_max_down_to_sigma_min(name):
+    sigmas = schedules.step_sigmas(name, 9, sigma_min=0.002, sigma_max=80)
+    assert sigmas.dtype == torch.float64 and len(sigmas) == 9
+    assert sigmas[0].item() == pytest.approx(80) and sigmas[-1].item() == pytest.approx(0.002)
+    assert (sigmas[1:] < sigmas[:-1]).all()
+
+
+def test_time_uniform_steps_are_equal_in_sigma():
+    sigmas = schedules.time_uniform_sigmas(5, 0.002, 80)
+    assert torch.allclose(sigmas[:-1] - sigmas[1:], torch.full([4], (80 - 0.002) / 4, dtype=torch.float64))
+
+
+def test_polylog_is_a_power_of_the_fraction_in_log_sigma_and_logsnr_at_power_one():
+    sigmas = schedules.polylog_sigmas(5, 0.002, 80, power=2)
+    fraction_left = (sigmas.log() - np.log(0.002)) / (np.log(80) - np.log(0.002))
+    assert torch.allclose(fraction_left, torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64) ** 2)
+    assert torch.allclose(schedules.polylog_sigmas(6, 0.002, 80, power=1), schedules.logsnr_sigmas(6, 0.002, 80))
+
+
+def test_step_sigmas_edm_is_the_edm_grid_and_unknown_names_are_value_errors():
+    assert torch.equal(schedules.step_sigmas('edm', 6, 0.01, 50, rho=5), schedules.edm_sigmas(6, 0.01, 50, rho=5))
+    with pytest.raises(ValueError, match='schedule must be one of edm, time, logsnr, polylog'):
+        schedules.step_sigmas('cosine', 6)
+    with pytest.raises(ValueError, match='at least 2 levels'):
+        schedules.step_sigmas('edm', 1)

@@ -2,11 +2,14 @@
 fid.py calc for that snapshot, and resume without duplicates."""
 
 import json
+import pickle
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fid
+from training import metrics, snapshot_metrics
 from conftest import run_torchrun
 from test_fid import fid_of
 
@@ -61,3 +64,23 @@ def test_two_processes_measure_the_same_fid_as_one(posthoc_runs, tmp_path):
     for (nimg, network), value in one.items():
         if nimg == first_nimg:  # later, that rounding grows through training, and a 4-image FID magnifies it
             assert two[nimg, network] == pytest.approx(value, rel=1e-4), network
+
+
+def test_any_sampler_measures_what_fid_py_calc_measures_with_its_options(posthoc_runs):
+    snapshot = posthoc_runs['straight'] / 'network-snapshot-000000.032.pkl'
+    measure = snapshot_metrics.SnapshotMetrics(None, torch.device('cpu'), ref=str(posthoc_runs['ref']), num_images=4,
+                                               detector=str(posthoc_runs['detector']), sampler_name='unipc',
+                                               sampler_kwargs=dict(num_steps=4, afs=True))
+    net = pickle.loads(snapshot.read_bytes())['ema']
+    stats = measure.feature_statistics(net)
+    value = metrics.frechet_distance(*stats.mean_cov(), measure.reference['mu'], measure.reference['sigma'])
+    result = CliRunner().invoke(fid.main, [str(a) for a in [
+        'calc', '--network', snapshot, '--ref', posthoc_runs['ref'], '--num', 4, '--detector', posthoc_runs['detector'],
+        '--device', 'cpu', '--precision', 'fp32', '--solver', 'unipc', '--nfe', 3, '--afs']])
+    assert value == pytest.approx(fid_of(result), rel=1e-4)
+
+
+def test_sampler_options_that_cannot_work_are_a_setup_error():
+    with pytest.raises(snapshot_metrics.MetricSetupError, match='order 4 needs at least 4 steps'):
+        snapshot_metrics.SnapshotMetrics(None, torch.device('cpu'), ref='unused.npz', sampler_name='ipndm',
+                                         sampler_kwargs=dict(num_steps=3, order=4))

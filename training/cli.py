@@ -13,6 +13,7 @@ from torch_utils import distributed
 from torch_utils import misc
 from training import checkpoints
 from training import sampling
+from training import schedules
 from training.precision import AUTO, PRECISIONS, default_sampling_precision, describe_choice
 
 
@@ -160,35 +161,32 @@ def generate_images(net, seeds, sampler_name, sampler_kwargs, device, class_idx=
 MAX_NUM_STEPS = 100_000  # more is a typo, not a sampler setting: each step is a network evaluation per image
 
 # The sampler options: (sampler keyword, command-line flag, click option settings), in --help order.
+_SOLVERS = ['euler', 'heun', 'dpm', 'dpm2m', 'ipndm', 'unipc', 'deis', 'dpm3m']
+_ABLATION_SCHEDULES = ['vp', 've', 'linear']  # the ablation sampler's noise schedules σ(t); the others are step schedules
 SAMPLER_OPTIONS = [
     ('class_idx',      '--class',     dict(help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0))),
     ('num_steps',      '--steps',     dict(help='Number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(max=MAX_NUM_STEPS))),
+    ('nfe',            '--nfe',       dict(help='Network evaluations per image: sets --steps so the solver makes exactly this many', metavar='INT', type=click.IntRange(min=1, max=MAX_NUM_STEPS))),
     ('sigma_min',      '--sigma_min', dict(help='Lowest noise level  [default: varies]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
     ('sigma_max',      '--sigma_max', dict(help='Highest noise level  [default: varies]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
-    ('rho',            '--rho',       dict(help='Time step exponent  [default: 7]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
+    ('rho',            '--rho',       dict(help='Time step exponent of the edm step schedule  [default: 7]', metavar='FLOAT', type=FiniteFloat(min=0, min_open=True))),
     ('S_churn',        '--S_churn',   dict(help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=FiniteFloat(min=0))),
     ('S_min',          '--S_min',     dict(help='Stochastic min noise level  [default: 0]', metavar='FLOAT', type=FiniteFloat(min=0))),
     ('S_max',          '--S_max',     dict(help='Stochastic max noise level  [default: inf]', metavar='FLOAT', type=FiniteFloat(min=0, allow_inf=True))),
     ('S_noise',        '--S_noise',   dict(help='Stochastic noise inflation  [default: 1]', metavar='FLOAT', type=FiniteFloat())),
-    ('solver',         '--solver',    dict(help='Solver  [default: heun (EDM sampler)]', type=click.Choice(['euler', 'heun', 'dpm', 'dpm2m']))),
+    ('solver',         '--solver',    dict(help='Solver  [default: heun (EDM sampler)]', type=click.Choice(_SOLVERS))),
+    ('order',          '--order',     dict(help='Highest order of ipndm (1-4), unipc and deis (1-3)  [default: 4, 3, 3]', metavar='INT', type=click.IntRange(max=MAX_NUM_STEPS))),
+    ('afs',            '--afs',       dict(help='Analytical first step (multistep solvers dpm2m, ipndm, unipc, deis, dpm3m): one evaluation fewer', is_flag=True, default=None)),
     ('discretization', '--disc',      dict(help='Time step discretization (ablation sampler)', type=click.Choice(['vp', 've', 'iddpm', 'edm']))),
-    ('schedule',       '--schedule',  dict(help='Noise schedule σ(t) (ablation sampler)', type=click.Choice(['vp', 've', 'linear']))),
+    ('schedule',       '--schedule',  dict(help='Step schedule edm|time|logsnr|polylog  [default: edm; logsnr for dpm, dpm2m]; '
+                                            'or the ablation sampler\'s noise schedule vp|ve|linear',
+                                            type=click.Choice(list(schedules.STEP_SCHEDULES) + _ABLATION_SCHEDULES))),
     ('scaling',        '--scaling',   dict(help='Signal scaling s(t) (ablation sampler)', type=click.Choice(['vp', 'none']))),
     ('guidance',       '--guidance',  dict(help='Guidance weight w: D_uncond + w·(D − D_uncond), or with --gnet D_gnet + w·(D − D_gnet)  [default: 1 = none]', metavar='FLOAT', type=FiniteFloat())),
     ('gnet_url',       '--gnet',      dict(help='Guiding network for autoguidance (same resolution, channels, labels)', metavar='PKL|URL', type=str)),
     ('precision',      '--precision', dict(help='Network arithmetic; fp32 = bit-exact whatever the batch; auto = bf16 where the device has bf16 matrix units, else fp32  [default: tf32 on CUDA, else fp32]', type=click.Choice(list(PRECISIONS) + [AUTO]))),
 ]
 FLAGS = {keyword: flag for keyword, flag, _ in SAMPLER_OPTIONS}
-
-# The sampler keywords each sampler takes (the ablation sampler's 'solver' is euler or heun).
-_EDM_RANGE = {'num_steps', 'sigma_min', 'sigma_max'}
-_CHURN = {'S_churn', 'S_min', 'S_max', 'S_noise'}
-SAMPLER_KEYWORDS = {
-    'edm':      _EDM_RANGE | {'rho'} | _CHURN,
-    'ablation': _EDM_RANGE | {'rho'} | _CHURN | {'solver', 'discretization', 'schedule', 'scaling'},
-    'dpm':      _EDM_RANGE,
-    'dpm2m':    _EDM_RANGE,
-}
 
 
 def sampler_options(fn):
@@ -199,34 +197,46 @@ def sampler_options(fn):
 
 
 def choose_sampler(solver, discretization, schedule, scaling):
-    """EDM's rule: any ablation option selects the ablation sampler; dpm/dpm2m select DPM-Solver++."""
-    if solver in ('dpm', 'dpm2m'):
-        for flag, value in (('--disc', discretization), ('--schedule', schedule), ('--scaling', scaling)):
+    """EDM's rule: any ablation option (--disc, --scaling, a noise --schedule, --solver euler|heun) selects the
+    ablation sampler; the other solvers select their own; a step --schedule alone keeps the EDM sampler."""
+    ablation_schedule = schedule in _ABLATION_SCHEDULES
+    if solver not in (None, 'euler', 'heun'):
+        for flag, value in (('--disc', discretization), ('--schedule', schedule if ablation_schedule else None), ('--scaling', scaling)):
             if value is not None:
-                raise click.ClickException(f'{flag} applies to the ablation sampler (--solver euler|heun), not to --solver {solver}')
+                raise click.ClickException(f'{flag} {value} applies to the ablation sampler (--solver euler|heun), not to --solver {solver}')
         return solver
-    if any(value is not None for value in (solver, discretization, schedule, scaling)):
+    if solver == 'heun' and schedule is not None and not ablation_schedule and discretization is None and scaling is None:
+        return 'edm'
+    if any(value is not None for value in (solver, discretization, scaling)) or ablation_schedule:
+        if schedule is not None and not ablation_schedule:
+            raise click.ClickException(f'--schedule {schedule} is a step schedule; the ablation sampler (--solver euler, '
+                                       f'--disc, --scaling) takes its steps from --disc')
         return 'ablation'
     return 'edm'
 
 
 def sampler_from_options(options):
-    """(sampler name, its keyword arguments) from the sampler options' values; unset ones are left out.
+    """(sampler name, its keyword arguments) from the sampler options' values; unset ones are left out, --nfe becomes
+    the num_steps that makes exactly that many evaluations. The values are checked by sampling.check_options; its
+    errors become one-line errors naming the flag.
 
     `options` holds the sampler keywords only (not --class, --guidance, --gnet or --precision).
     """
-    options = {key: value for key, value in options.items() if value is not None}
+    options = {key: value for key, value in options.items() if value is not None and value is not False}
+    nfe = options.pop('nfe', None)
     sampler_name = choose_sampler(*(options.get(key) for key in ('solver', 'discretization', 'schedule', 'scaling')))
     if sampler_name != 'ablation':
         options.pop('solver', None)
-    for key in options:
-        if key not in SAMPLER_KEYWORDS[sampler_name]:
-            raise click.ClickException(f'{FLAGS[key]} does not apply to the {sampler_name} sampler')
-    if options.get('sigma_min', 0) >= options.get('sigma_max', float('inf')):
-        raise click.ClickException(f'--sigma_min {options["sigma_min"]} is not below --sigma_max {options["sigma_max"]}')
-    num_steps = options.get('num_steps')
-    if num_steps is not None and num_steps < sampling.MIN_NUM_STEPS[sampler_name]:
-        raise click.ClickException(f'--steps {num_steps}: the {sampler_name} sampler needs at least {sampling.MIN_NUM_STEPS[sampler_name]}')
+    try:
+        if nfe is not None:
+            if 'num_steps' in options:
+                raise click.UsageError('give --steps or --nfe, not both')
+            options['num_steps'] = sampling.steps_for_nfe(sampler_name, nfe, **options)
+        sampling.check_options(sampler_name, **options)
+    except sampling.SamplerOptionError as error:
+        raise click.BadParameter(str(error), param_hint=FLAGS.get(error.keyword, error.keyword)) from None
+    except ValueError as error:  # from steps_for_nfe: no step count makes exactly that many evaluations
+        raise click.BadParameter(str(error), param_hint='--nfe') from None
     return sampler_name, options
 
 

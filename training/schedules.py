@@ -101,3 +101,37 @@ def logsnr_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device='cpu'):
     """Uniform in log-SNR λ = −ln σ (the data-scale α is 1 in the EDM process), from σ_max to σ_min."""
     lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), num_steps, dtype=torch.float64, device=device)
     return (-lambdas).exp()
+
+
+def time_uniform_sigmas(num_steps, sigma_min=0.002, sigma_max=80, device='cpu'):
+    """Uniform in the EDM time t = σ: equal steps everywhere, so most of them fall at high noise."""
+    return torch.linspace(sigma_max, sigma_min, num_steps, dtype=torch.float64, device=device)
+
+
+def polylog_sigmas(num_steps, sigma_min=0.002, sigma_max=80, power=2, device='cpu'):
+    """Polynomial in ln σ: ln σ_i = ln σ_min + (ln σ_max − ln σ_min)·(1 − i/(N−1))^power.
+
+    power = 1 is the log-SNR grid; larger powers move steps towards low noise, as ρ does for the EDM grid.
+    """
+    step_fraction = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    log_range = math.log(sigma_max) - math.log(sigma_min)
+    return (math.log(sigma_min) + log_range * (1 - step_fraction) ** power).exp()
+
+
+# The step schedules a sampler's `schedule=` chooses; each maps (N, σ_min, σ_max, ρ, device) to its N levels.
+STEP_SCHEDULES = {
+    'edm':    lambda num_steps, sigma_min, sigma_max, rho, device: edm_sigmas(num_steps, sigma_min, sigma_max, rho, device),
+    'time':   lambda num_steps, sigma_min, sigma_max, rho, device: time_uniform_sigmas(num_steps, sigma_min, sigma_max, device),
+    'logsnr': lambda num_steps, sigma_min, sigma_max, rho, device: logsnr_sigmas(num_steps, sigma_min, sigma_max, device),
+    'polylog': lambda num_steps, sigma_min, sigma_max, rho, device: polylog_sigmas(num_steps, sigma_min, sigma_max, device=device),
+}
+
+
+def step_sigmas(schedule, num_steps, sigma_min=0.002, sigma_max=80, rho=7, device='cpu'):
+    """The N levels σ_max = σ_0 > … > σ_{N−1} = σ_min of the step schedule named `schedule` (STEP_SCHEDULES);
+    ρ is the EDM grid's exponent and is unused by the others."""
+    if schedule not in STEP_SCHEDULES:
+        raise ValueError(f'schedule must be one of {", ".join(STEP_SCHEDULES)}; got {schedule!r}')
+    if int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f'a step schedule needs at least 2 levels, got {num_steps}')
+    return STEP_SCHEDULES[schedule](int(num_steps), sigma_min, sigma_max, rho, device)

@@ -1,8 +1,9 @@
 """Quality measured during training: the FID of each snapshot's networks, appended to `metrics.jsonl`.
 
-The images are those `fid.py calc --network=<snapshot> --seeds=0-{N-1} --precision=fp32` generates (EDM sampler
-with its defaults, one RNG per seed), so a line of `metrics.jsonl` can be checked against fid.py. Every rank
-generates a share of the seeds and the feature sums are added over ranks, as in fid.py.
+The images are those `fid.py calc --network=<snapshot> --seeds=0-{N-1} --precision=fp32` generates with the same
+sampler (by default EDM's with its defaults; any sampler of training/sampling.py with its options), one RNG per
+seed, so a line of `metrics.jsonl` can be checked against fid.py. Every rank generates a share of the seeds and the
+feature sums are added over ranks, as in fid.py.
 """
 
 import json
@@ -70,11 +71,18 @@ class SnapshotMetrics:
         max_batch_size  = 64,           # Images per batch and process (fid.py --batch).
         resume_state    = None,         # The training state this run resumes; its run's lines are carried over.
         resume_nimg     = 0,            # Images trained when resuming.
+        sampler_name    = SAMPLER_NAME, # A sampler of sampling.SAMPLERS, as fid.py --solver chooses it.
+        sampler_kwargs  = None,         # Its options (sampling.check_options); None = SAMPLER_KWARGS.
     ):
         if metric != 'fid':
             raise ValueError(f'metric must be fid (the only one so far), got {metric!r}')
         if ref is None:
             raise ValueError('FID needs reference statistics (ref)')
+        self.sampler_name, self.sampler_kwargs = sampler_name, dict(SAMPLER_KWARGS if sampler_kwargs is None else sampler_kwargs)
+        try:
+            sampling.check_options(sampler_name, **self.sampler_kwargs)
+        except ValueError as err:
+            raise MetricSetupError(f'sampler {sampler_name} {self.sampler_kwargs}: {err}') from None
         self.run_dir = run_dir
         self.device = device
         self.metric = metric
@@ -109,7 +117,8 @@ class SnapshotMetrics:
                 continue
             value = metrics.frechet_distance(*stats.mean_cov(), self.reference['mu'], self.reference['sigma'])
             line = dict(kimg=cur_nimg / 1000, nimg=cur_nimg, network=name, metric=self.metric, value=value,
-                        num_images=stats.num, detector=self.detector.identity, sampler=SAMPLER_NAME,
+                        num_images=stats.num, detector=self.detector.identity, sampler=self.sampler_name,
+                        sampler_kwargs=self.sampler_kwargs,
                         seconds=time.time() - start, timestamp=time.time())
             distributed.print0(f'{self.metric} {name} {value:g} ({stats.num} images, {line["seconds"]:.1f} s)')
             if self.run_dir is not None:
@@ -120,7 +129,8 @@ class SnapshotMetrics:
     def feature_statistics(self, net):
         """Detector statistics of `net`'s images for the fixed seeds, summed over all ranks."""
         batches, _ = distributed.split_seeds(self.seeds, self.max_batch_size, distributed.get_rank(), distributed.get_world_size())
-        images = (sampling.generate_images(net, batch.tolist(), SAMPLER_NAME, SAMPLER_KWARGS, self.device, precision=PRECISION)
+        images = (sampling.generate_images(net, batch.tolist(), self.sampler_name, self.sampler_kwargs, self.device,
+                                           precision=PRECISION)
                   for batch in batches if len(batch))
         stats = metrics.feature_statistics(self.detector, images, self.device)
         if stats is None:  # fewer seeds than ranks: this rank had none
