@@ -19,7 +19,6 @@ from training import cli
 from training import dataset
 from training import feature_metrics
 from training import metrics
-from training import sampling
 
 
 def _rank_batches(num_items, max_batch_size):

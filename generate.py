@@ -19,7 +19,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed
 from training import cli
-from training import sampling
+from training import solvers
 
 
 def image_path(outdir, seed, subdirs):
@@ -133,7 +133,7 @@ def main(network_url, outdir, grid_path, seeds, subdirs, class_idx, max_batch_si
     distributed.barrier()  # no rank writes before the stale temporaries are gone
 
     rank_batches, all_batches = cli.split_seeds(seeds, max_batch_size, rank, world_size)
-    nfe = sampling.network_evaluations(sampler_name, **sampler_options)
+    nfe = solvers.network_evaluations(sampler_name, **sampler_options)
     distributed.print0(f'Generating {len(seeds)} images with the {sampler_name} sampler {sampler_options} ({nfe} network '
         f'evaluations per image) in {precision} on {world_size} process(es) to "{outdir or grid_path}"...')
     keep_for_grid = {}

@@ -8,7 +8,6 @@ step (benchmarks/train_speed.py --config=small), with the CPU model, its bf16 fl
 Measure on an idle machine; each ratio is taken within one run, the precisions alternating.
 """
 
-import json
 import pathlib
 import sys
 

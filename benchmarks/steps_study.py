@@ -34,6 +34,8 @@ from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
 from training import metrics  # noqa: E402
 from training import sampling  # noqa: E402
+from training import schedules  # noqa: E402
+from training import solvers  # noqa: E402
 from training.checkpoints import load_network_pickle, snapshot_name  # noqa: E402
 
 # --solvers names → (sampler, options). 'heun' is EDM's sampler, the codebase default.
@@ -71,11 +73,11 @@ def solver_steps(solver, nfe, schedule, afs):
     options = dict(options)
     if schedule is not None:
         options['schedule'] = schedule
-    if afs and sampler_name in sampling.AFS_SAMPLERS:
+    if afs and sampler_name in solvers.AFS_SAMPLERS:
         options['afs'] = True
     for used in range(nfe, 0, -1):
         try:
-            num_steps = sampling.steps_for_nfe(sampler_name, used, **options)
+            num_steps = solvers.steps_for_nfe(sampler_name, used, **options)
         except ValueError:
             continue
         return sampler_name, dict(options, num_steps=num_steps), used
@@ -247,7 +249,7 @@ def plot(path, study):
 @click.option('--seed',         help='Training seed', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1), default=0, show_default=True)
 @click.option('--solvers',      help='Solvers to compare', metavar='LIST', type=parse_solvers, default='heun,dpm2m,ipndm,unipc,deis,dpm3m', show_default=True)
 @click.option('--nfe',          help='Network evaluations per image', metavar='LIST', type=parse_nfe_list, default='4,6,8,10,12,16,20,35', show_default=True)
-@click.option('--schedule',     help='Step schedule of every solver  [default: each solver\'s own]', type=click.Choice(list(sampling.schedules.STEP_SCHEDULES)))
+@click.option('--schedule',     help='Step schedule of every solver  [default: each solver\'s own]', type=click.Choice(list(schedules.STEP_SCHEDULES)))
 @click.option('--afs',          help='Analytical first step for the solvers that can use it', is_flag=True)
 @click.option('--blocks',       'num_blocks', help='Disjoint seed blocks per FID', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--block-size',   help='Images per seed block', metavar='INT', type=click.IntRange(min=2), default=200, show_default=True)

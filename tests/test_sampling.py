@@ -9,6 +9,7 @@ import torch
 
 import conftest
 from training import networks, sampling
+from training import solvers
 
 SOLVERS = {  # test id → (sampler name, options)
     'edm': ('edm', {}),
@@ -54,7 +55,7 @@ def toy_latents(batch=256):
 
 def run_solver(net, solver_id, num_steps, **extra):
     name, options = SOLVERS[solver_id]
-    return sampling.SAMPLERS[name](net, toy_latents(), None, num_steps=num_steps, **options, **extra)
+    return solvers.SAMPLERS[name](net, toy_latents(), None, num_steps=num_steps, **options, **extra)
 
 
 def max_error_vs_exact(solver_id, num_steps):
@@ -87,7 +88,7 @@ def test_published_sampler_runs_are_reproduced(published_runs, run_index):
     assert torch.equal(class_labels, run['class_labels'])
 
     options = dict(run['config'])
-    sampler = sampling.SAMPLERS[options.pop('sampler')]
+    sampler = solvers.SAMPLERS[options.pop('sampler')]
     with torch.inference_mode():
         images = sampler(net, latents, class_labels, randn_like=generators.randn_like, **options)
     assert images.dtype == torch.float64
@@ -150,7 +151,7 @@ def test_generate_images_draws_from_the_seeds_and_converts_to_uint8():
     images = sampling.generate_images(net, [5, 9], 'dpm', dict(num_steps=4), 'cpu')
     latents, _, _ = sampling.draw_latents_and_labels(net, [5, 9], 'cpu')
     assert images.dtype == torch.uint8 and images.shape == (2, 1, 8, 8)
-    assert torch.equal(images, sampling.images_to_uint8(sampling.dpm_solver_pp(net, latents, num_steps=4)))
+    assert torch.equal(images, sampling.images_to_uint8(solvers.dpm_solver_pp(net, latents, num_steps=4)))
 
 
 @pytest.mark.parametrize('precision', ['tf32', 'fp16'])
@@ -224,7 +225,7 @@ def test_images_to_uint8_rounds_to_nearest_and_clips():
 
 @pytest.mark.parametrize('num_solver_steps', range(1, 13))
 def test_singlestep_orders_cover_every_step(num_solver_steps):
-    orders = sampling.singlestep_orders(num_solver_steps)
+    orders = solvers.singlestep_orders(num_solver_steps)
     assert sum(orders) == num_solver_steps
     assert orders[:-2] == [3] * len(orders[:-2]) and all(order in (1, 2, 3) for order in orders)
 
@@ -250,7 +251,7 @@ def test_dpm_solver_uses_exactly_n_evaluations_for_every_order_pattern(num_steps
 @pytest.mark.parametrize('sampler_name, too_few_steps', [('edm', 1), ('ablation', 1), ('dpm', 1), ('dpm2m', 0)])
 def test_too_few_steps_is_a_value_error(sampler_name, too_few_steps):
     with pytest.raises(ValueError, match='num_steps'):
-        sampling.SAMPLERS[sampler_name](GaussianToy(), toy_latents(2), num_steps=too_few_steps)
+        solvers.SAMPLERS[sampler_name](GaussianToy(), toy_latents(2), num_steps=too_few_steps)
 
 
 # Gaussian toy: distribution and convergence.
@@ -271,7 +272,7 @@ def test_stochastic_sampler_matches_the_gaussian_target():
     net = GaussianToy()
     noise = torch.Generator().manual_seed(1)
     randn_like = lambda x: torch.randn(x.shape, dtype=x.dtype, generator=noise)
-    samples = sampling.edm_sampler(net, toy_latents(), randn_like=randn_like, num_steps=128, S_churn=10, S_min=0.05, S_max=50)
+    samples = solvers.edm_sampler(net, toy_latents(), randn_like=randn_like, num_steps=128, S_churn=10, S_min=0.05, S_max=50)
     assert samples.mean().item() == pytest.approx(net.mean, abs=0.02)
     assert samples.var().item() == pytest.approx(net.std ** 2, rel=0.05)
 
@@ -319,7 +320,7 @@ def test_classifier_free_guidance_moves_the_mean_as_the_closed_form_says(solver_
     labels = torch.eye(2, dtype=torch.float64)[[0] * len(toy_latents())]
     name, options = SOLVERS[solver_id]
     guided = sampling.guided_denoiser(net, guidance)
-    samples = sampling.SAMPLERS[name](guided, toy_latents(), labels, num_steps=64, **options)
+    samples = solvers.SAMPLERS[name](guided, toy_latents(), labels, num_steps=64, **options)
     guided_mean = net.mean + guidance * (net.means[0].item() - net.mean)
     expected = GaussianToy(guided_mean, net.std).exact_sample(toy_latents())
     assert samples.mean().item() == pytest.approx(expected.mean().item(), abs=0.01)
@@ -329,7 +330,7 @@ def test_classifier_free_guidance_moves_the_mean_as_the_closed_form_says(solver_
 def test_classifier_free_guidance_evaluates_both_labels_in_one_batched_call():
     net = ClassGaussianToy()
     labels = torch.eye(2, dtype=torch.float64)[[1] * 4]
-    sampling.edm_sampler(sampling.guided_denoiser(net, 2), toy_latents(4), labels, num_steps=3)
+    solvers.edm_sampler(sampling.guided_denoiser(net, 2), toy_latents(4), labels, num_steps=3)
     assert net.batch_sizes == [8] * 5
 
 
@@ -343,8 +344,8 @@ def test_guidance_weight_one_is_the_network_itself():
 def test_autoguidance_by_the_network_itself_gives_the_same_samples(guidance):
     net = ClassGaussianToy(label_dropout=0)
     labels = torch.eye(2, dtype=torch.float64)[[0, 1] * 2]
-    unguided = sampling.edm_sampler(net, toy_latents(4), labels, num_steps=4)
-    guided = sampling.edm_sampler(sampling.guided_denoiser(net, guidance, gnet=net), toy_latents(4), labels, num_steps=4)
+    unguided = solvers.edm_sampler(net, toy_latents(4), labels, num_steps=4)
+    guided = solvers.edm_sampler(sampling.guided_denoiser(net, guidance, gnet=net), toy_latents(4), labels, num_steps=4)
     assert torch.equal(guided, unguided)
 
 
@@ -397,7 +398,7 @@ def exact_float32_on_cuda():
 def test_published_deterministic_runs_are_reproduced_on_cuda(published_runs, run_index, exact_float32_on_cuda):
     _, net, _, run = published_runs[run_index]
     options = dict(run['config'])
-    sampler = sampling.SAMPLERS[options.pop('sampler')]
+    sampler = solvers.SAMPLERS[options.pop('sampler')]
     with torch.inference_mode():
         images = sampler(copy.deepcopy(net).cuda(), run['latents'].cuda(), run['class_labels'].cuda(), **options)
     rel_error = ((images.cpu() - run['images']).norm() / run['images'].norm()).item()
@@ -424,7 +425,7 @@ def test_no_host_sync_per_step_on_cuda(published_runs, solver_id):
             warnings.simplefilter('always')
             torch.cuda.set_sync_debug_mode('warn')
             try:
-                sampling.SAMPLERS[name](net, latents, None, num_steps=num_steps, **options)
+                solvers.SAMPLERS[name](net, latents, None, num_steps=num_steps, **options)
             finally:
                 torch.cuda.set_sync_debug_mode('default')
         return sum('synchroniz' in str(w.message) for w in caught)

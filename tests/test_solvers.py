@@ -1,4 +1,4 @@
-"""The few-step solvers of training/sampling.py: order of accuracy measured against closed-form ODE solutions,
+"""The few-step solvers of training/solvers.py: order of accuracy measured against closed-form ODE solutions,
 network-evaluation counts, the analytical first step and option checks.
 
 The data are per-pixel Gaussians N(μ, s²), whose probability-flow ODE dx/dσ = (x − D(x; σ))/σ has the solution
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import networks, sampling, schedules
+from training import networks, schedules
+from training import solvers
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80
 
@@ -112,8 +113,8 @@ def latents(batch=8):
 def solve(net, solver, nfe, **extra):
     """The solver's output for `latents()` with exactly `nfe` evaluations (Heun: its nearest odd count)."""
     sampler_name, options, _ = ORDERS[solver]
-    num_steps = sampling.steps_for_nfe(sampler_name, nfe, **options, **extra)
-    return sampling.SAMPLERS[sampler_name](net, latents(), num_steps=num_steps, **options, **extra)
+    num_steps = solvers.steps_for_nfe(sampler_name, nfe, **options, **extra)
+    return solvers.SAMPLERS[sampler_name](net, latents(), num_steps=num_steps, **options, **extra)
 
 
 def target(denoiser_state, solver, denoiser):
@@ -131,7 +132,7 @@ def fitted_order(nfes, errors):
 @pytest.fixture(scope='module')
 def mixture_state():
     """x(σ_min) of the mixture's ODE from latents·σ_max: UniPC-3 with 4096 steps (error ~1e-12 by its 4th order)."""
-    return sampling.unipc_sampler(Plain(Mixture()), latents(), num_steps=4096, order=3)
+    return solvers.unipc_sampler(Plain(Mixture()), latents(), num_steps=4096, order=3)
 
 
 @pytest.mark.parametrize('precond_name', ['edm', 'vp', 'fdm_edm'])
@@ -172,43 +173,43 @@ def test_all_solvers_agree_at_high_nfe():
 def test_nfe_makes_exactly_that_many_network_calls(sampler_name, nfe):
     net = Plain(Gaussian())
     try:
-        num_steps = sampling.steps_for_nfe(sampler_name, nfe)
+        num_steps = solvers.steps_for_nfe(sampler_name, nfe)
     except ValueError:
         assert sampler_name == 'edm' and nfe % 2 == 0  # Heun makes 2·steps − 1
         return
-    sampling.SAMPLERS[sampler_name](net, latents(2), num_steps=num_steps)
-    assert net.num_calls == nfe == sampling.network_evaluations(sampler_name, num_steps=num_steps)
+    solvers.SAMPLERS[sampler_name](net, latents(2), num_steps=num_steps)
+    assert net.num_calls == nfe == solvers.network_evaluations(sampler_name, num_steps=num_steps)
 
 
-@pytest.mark.parametrize('sampler_name', sampling.AFS_SAMPLERS)
+@pytest.mark.parametrize('sampler_name', solvers.AFS_SAMPLERS)
 def test_analytical_first_step_saves_one_call_and_barely_moves_the_samples(sampler_name):
     denoiser = Gaussian(mean=0.0)  # D(x; σ_max) ≈ 0, which the analytical first step assumes
     with_afs, without = Plain(denoiser), Plain(denoiser)
-    num_steps = sampling.steps_for_nfe(sampler_name, 12, afs=True)
-    images_afs = sampling.SAMPLERS[sampler_name](with_afs, latents(2), num_steps=num_steps, afs=True)
-    images = sampling.SAMPLERS[sampler_name](without, latents(2), num_steps=num_steps)
+    num_steps = solvers.steps_for_nfe(sampler_name, 12, afs=True)
+    images_afs = solvers.SAMPLERS[sampler_name](with_afs, latents(2), num_steps=num_steps, afs=True)
+    images = solvers.SAMPLERS[sampler_name](without, latents(2), num_steps=num_steps)
     assert with_afs.num_calls == 12 == without.num_calls - 1
     assert 0 < (images_afs - images).abs().max().item() < 1e-3
 
 
 def test_the_analytical_first_step_is_refused_by_samplers_that_cannot_use_it():
     for sampler_name in ('edm', 'ablation', 'dpm'):
-        with pytest.raises(sampling.SamplerOptionError, match='analytical first step') as error:
-            sampling.check_options(sampler_name, afs=True)
+        with pytest.raises(solvers.SamplerOptionError, match='analytical first step') as error:
+            solvers.check_options(sampler_name, afs=True)
         assert error.value.keyword == 'afs'
 
 
 def test_impossible_nfe_lists_the_possible_counts():
     with pytest.raises(ValueError, match=r'cannot make exactly 10 .* possible: 3, 5, 7, 9, 11, 13'):
-        sampling.steps_for_nfe('edm', 10)
+        solvers.steps_for_nfe('edm', 10)
     with pytest.raises(ValueError, match=r'possible: 3, 4, 5'):
-        sampling.steps_for_nfe('dpm3m', 2)
+        solvers.steps_for_nfe('dpm3m', 2)
 
 
 @pytest.mark.parametrize('sampler_name, order, nfe', [('ipndm', 4, 3), ('unipc', 3, 2), ('deis', 3, 2)])
 def test_order_above_the_steps_is_an_error_naming_order(sampler_name, order, nfe):
-    with pytest.raises(sampling.SamplerOptionError, match=f'order {order} needs at least {order} steps') as error:
-        sampling.steps_for_nfe(sampler_name, nfe, order=order)
+    with pytest.raises(solvers.SamplerOptionError, match=f'order {order} needs at least {order} steps') as error:
+        solvers.steps_for_nfe(sampler_name, nfe, order=order)
     assert error.value.keyword == 'order'
 
 
@@ -221,12 +222,12 @@ def test_order_above_the_steps_is_an_error_naming_order(sampler_name, order, nfe
     ('dpm3m', dict(S_churn=1), 'S_churn'),
 ])
 def test_bad_options_name_their_keyword(sampler_name, options, keyword):
-    with pytest.raises(sampling.SamplerOptionError) as error:
-        sampling.check_options(sampler_name, **options)
+    with pytest.raises(solvers.SamplerOptionError) as error:
+        solvers.check_options(sampler_name, **options)
     assert error.value.keyword == keyword
-    if keyword in sampling.sampler_defaults(sampler_name):  # the sampler itself checks the same way
-        with pytest.raises(sampling.SamplerOptionError, match=str(error.value)):
-            sampling.SAMPLERS[sampler_name](Plain(Gaussian()), latents(1), **options)
+    if keyword in solvers.sampler_defaults(sampler_name):  # the sampler itself checks the same way
+        with pytest.raises(solvers.SamplerOptionError, match=str(error.value)):
+            solvers.SAMPLERS[sampler_name](Plain(Gaussian()), latents(1), **options)
 
 
 @pytest.mark.parametrize('schedule', list(schedules.STEP_SCHEDULES))
@@ -236,6 +237,6 @@ def test_every_solver_steps_through_the_chosen_schedule(schedule):
         def __call__(self, x, sigma, class_labels=None):
             sigmas_seen.append(float(sigma))
             return super().__call__(x, sigma, class_labels)
-    sampling.unipc_sampler(Recording(Gaussian()), latents(1), num_steps=6, schedule=schedule)
+    solvers.unipc_sampler(Recording(Gaussian()), latents(1), num_steps=6, schedule=schedule)
     expected = schedules.step_sigmas(schedule, 7, SIGMA_MIN, SIGMA_MAX)[:-1].tolist()
     assert sigmas_seen == pytest.approx(expected, rel=1e-12)

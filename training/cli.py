@@ -13,6 +13,7 @@ from torch_utils import distributed
 from torch_utils import misc
 from training import checkpoints
 from training import sampling
+from training import solvers
 from training import schedules
 from training.precision import AUTO, PRECISIONS, default_sampling_precision, describe_choice
 
@@ -217,7 +218,7 @@ def choose_sampler(solver, discretization, schedule, scaling):
 
 def sampler_from_options(options):
     """(sampler name, its keyword arguments) from the sampler options' values; unset ones are left out, --nfe becomes
-    the num_steps that makes exactly that many evaluations. The values are checked by sampling.check_options; its
+    the num_steps that makes exactly that many evaluations. The values are checked by solvers.check_options; its
     errors become one-line errors naming the flag.
 
     `options` holds the sampler keywords only (not --class, --guidance, --gnet or --precision).
@@ -231,9 +232,9 @@ def sampler_from_options(options):
         if nfe is not None:
             if 'num_steps' in options:
                 raise click.UsageError('give --steps or --nfe, not both')
-            options['num_steps'] = sampling.steps_for_nfe(sampler_name, nfe, **options)
-        sampling.check_options(sampler_name, **options)
-    except sampling.SamplerOptionError as error:
+            options['num_steps'] = solvers.steps_for_nfe(sampler_name, nfe, **options)
+        solvers.check_options(sampler_name, **options)
+    except solvers.SamplerOptionError as error:
         raise click.BadParameter(str(error), param_hint=FLAGS.get(error.keyword, error.keyword)) from None
     except ValueError as error:  # from steps_for_nfe: no step count makes exactly that many evaluations
         raise click.BadParameter(str(error), param_hint='--nfe') from None

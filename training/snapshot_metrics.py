@@ -14,6 +14,7 @@ import dnnlib
 from torch_utils import distributed
 from training import metrics
 from training import sampling
+from training import solvers
 
 METRICS_FILE = 'metrics.jsonl'
 SAMPLER_NAME = 'edm'                    # the sampler of fid.py and generate.py without sampler options
@@ -71,8 +72,8 @@ class SnapshotMetrics:
         max_batch_size  = 64,           # Images per batch and process (fid.py --batch).
         resume_state    = None,         # The training state this run resumes; its run's lines are carried over.
         resume_nimg     = 0,            # Images trained when resuming.
-        sampler_name    = SAMPLER_NAME, # A sampler of sampling.SAMPLERS, as fid.py --solver chooses it.
-        sampler_kwargs  = None,         # Its options (sampling.check_options); None = SAMPLER_KWARGS.
+        sampler_name    = SAMPLER_NAME, # A sampler of solvers.SAMPLERS, as fid.py --solver chooses it.
+        sampler_kwargs  = None,         # Its options (solvers.check_options); None = SAMPLER_KWARGS.
     ):
         if metric != 'fid':
             raise ValueError(f'metric must be fid (the only one so far), got {metric!r}')
@@ -80,7 +81,7 @@ class SnapshotMetrics:
             raise ValueError('FID needs reference statistics (ref)')
         self.sampler_name, self.sampler_kwargs = sampler_name, dict(SAMPLER_KWARGS if sampler_kwargs is None else sampler_kwargs)
         try:
-            sampling.check_options(sampler_name, **self.sampler_kwargs)
+            solvers.check_options(sampler_name, **self.sampler_kwargs)
         except ValueError as err:
             raise MetricSetupError(f'sampler {sampler_name} {self.sampler_kwargs}: {err}') from None
         self.run_dir = run_dir
