@@ -256,6 +256,19 @@ def conclusion_line(summary, base_label, fdm_label):
                     f'kimg, {bound}{summary["fdm_kimg_ratio"]:.2f}× the baseline\'s training images ({summary["fdm_kimg_how"]}).')
 
 
+def open_data_and_detector(data, detector_name, device, use_labels=False):
+    """A study's dataset and FID detector, each failure one line naming its option (--data, --detector)."""
+    try:
+        images = dataset.ImageFolderDataset(path=data, use_labels=use_labels)
+    except dataset.DatasetError as err:
+        raise click.BadParameter(str(err), param_hint='--data') from None
+    try:
+        detector = metrics.load_detector(detector_name, device=device)
+    except metrics.DetectorError as err:
+        raise click.BadParameter(str(err), param_hint='--detector') from None
+    return images, detector
+
+
 @click.command()
 @click.option('--pair',         help='Baseline and its FDM variant', type=click.Choice(list(PAIRS)), default='edm', show_default=True)
 @click.option('--data',         help='Dataset ZIP or folder', metavar='ZIP|DIR', type=str, default=DEFAULT_DATA, show_default='bundled Fashion-MNIST 5k')
@@ -299,14 +312,7 @@ def main(**kwargs):
     nimgs = checkpoint_nimgs(opts.kimg, opts.checkpoints, opts.batch)
     if opts.steps not in opts.nfe_steps:
         opts.nfe_steps = sorted(opts.nfe_steps + [opts.steps])
-    try:
-        images = dataset.ImageFolderDataset(path=opts.data, use_labels=opts.cond)
-    except dataset.DatasetError as err:
-        raise click.BadParameter(str(err), param_hint='--data') from None
-    try:
-        detector = metrics.load_detector(opts.detector, device=device)
-    except metrics.DetectorError as err:
-        raise click.BadParameter(str(err), param_hint='--detector') from None
+    images, detector = open_data_and_detector(opts.data, opts.detector, device, use_labels=opts.cond)
 
     os.makedirs(opts.outdir, exist_ok=True)
     desc = f'{opts.pair}-{images.name}-c{opts.cbase}-b{opts.batch}-{opts.kimg:g}kimg'

@@ -276,14 +276,7 @@ def main(**kwargs):
         device = distributed.init(None if opts.device == 'auto' else opts.device)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--device') from None
-    try:
-        images = dataset.ImageFolderDataset(path=opts.data)
-    except dataset.DatasetError as err:
-        raise click.BadParameter(str(err), param_hint='--data') from None
-    try:
-        detector = metrics.load_detector(opts.detector, device=device)
-    except metrics.DetectorError as err:
-        raise click.BadParameter(str(err), param_hint='--detector') from None
+    images, detector = convergence.open_data_and_detector(opts.data, opts.detector, device)
     os.makedirs(opts.outdir, exist_ok=True)
     json_path = os.path.join(opts.outdir, 'steps_study.json')
 
