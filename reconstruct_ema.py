@@ -51,9 +51,8 @@ def _combine(sources, coefficients):
     sums = None
     for (path, _, _), coefficient in zip(sources, coefficients):
         data = checkpoints.load_network(path)
-        nonfinite = misc.first_nonfinite_tensor(data['ema'])
-        if nonfinite is not None:
-            raise click.ClickException(f'{path}: the network\'s {nonfinite} holds NaN or infinite values')
+        if problem := misc.nonfinite_problem(data['ema']):
+            raise click.ClickException(f'{path}: {problem}')
         params = dict(data['ema'].named_parameters())
         if sums is None:
             sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}

@@ -80,6 +80,13 @@ def first_nonfinite_tensor(module):
     return None
 
 
+def nonfinite_problem(module):
+    """The one wording of every loader's refusal of a network with a NaN or an infinity ("the network's NAME holds
+    NaN or infinite values"), or None when every tensor of `module` is finite."""
+    name = first_nonfinite_tensor(module)
+    return None if name is None else f'the network\'s {name} holds NaN or infinite values'
+
+
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy same-named parameters and buffers from `src_module` into `dst_module` in place (e.g. --transfer)."""

@@ -130,9 +130,8 @@ def load_network(network_url, device, option='--network'):
     ema = snapshot['ema']
     if not isinstance(ema, torch.nn.Module) or not all(hasattr(ema, name) for name in ('img_resolution', 'img_channels', 'label_dim')):
         raise click.ClickException(f'{option} {network_url}: \'ema\' is a {type(ema).__name__}, not a network')
-    nonfinite = misc.first_nonfinite_tensor(ema)
-    if nonfinite is not None:
-        raise click.ClickException(f'{option} {network_url}: the network\'s {nonfinite} holds NaN or infinite values')
+    if problem := misc.nonfinite_problem(ema):
+        raise click.ClickException(f'{option} {network_url}: {problem}')
     return ema.eval().requires_grad_(False).to(device)
 
 

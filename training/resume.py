@@ -98,7 +98,6 @@ def read_transfer(path, net):
         data = training_state.load_transfer(path, net, verbose=distributed.is_main())
     except training_state.TrainingStateError as err:
         raise click.ClickException(f'--transfer={err}')
-    nonfinite = misc.first_nonfinite_tensor(data['ema'])
-    if nonfinite is not None:
-        raise click.ClickException(f'--transfer={path}: the network\'s {nonfinite} holds NaN or infinite values')
+    if problem := misc.nonfinite_problem(data['ema']):
+        raise click.ClickException(f'--transfer={path}: {problem}')
     return data
