@@ -106,11 +106,21 @@ def dropout(x, p, training=True):
 
 def memory_format(x, channels_last=None):
     """x in the layout that the network's layers run in: channels-last when `channels_last`, as it is
-    (channels-first) when False; None = the device's faster one (channels-last on CPUs, where oneDNN convolves
-    without reordering each layer's input, ~10% faster; as it is elsewhere)."""
+    (channels-first) when False; None = the faster one for the device and dtype (`prefers_channels_last`)."""
     if channels_last is None:
-        channels_last = x.device.type == 'cpu'
+        channels_last = prefers_channels_last(x)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def prefers_channels_last(x):
+    """Whether a network computing on x runs faster channels-last: on CPUs in float32, where oneDNN then convolves
+    without reordering each layer's input (~10% faster). Not in bfloat16 there (x bf16, or autocast to bf16), where
+    PyTorch's channels-last GroupNorm is ~5x slower than its channels-first one and made a training step ~40% slower
+    (benchmarks/results/README.md); nor on other devices."""
+    if x.device.type != 'cpu':
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+    return not bf16
 
 
 def layout_like(a, x):
