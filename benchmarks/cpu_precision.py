@@ -60,10 +60,10 @@ def profile_step(precision, steps=3, batch=32, top=20):
 def cpu_description():
     """The CPU model, its bf16-related flags, PyTorch's CPU capability and what --precision=auto picks here."""
     flags = precision_lib.cpu_flags()
-    auto = {task: precision_lib.resolve_precision(precision_lib.AUTO, 'cpu', task) for task in ('training', 'sampling')}
+    auto, reason = precision_lib.resolve_precision(precision_lib.AUTO, 'cpu')
     return dict(cpu=common.machine_description()['cpu'], threads=torch.get_num_threads(),
                 bf16_flags=[flag for flag in BF16_FLAGS if flag in flags], torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                auto_training=auto['training'][0], auto_sampling=auto['sampling'][0], auto_reason=auto['training'][1])
+                auto=auto, auto_reason=reason)
 
 
 @click.command()

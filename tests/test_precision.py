@@ -37,13 +37,12 @@ def test_detection_agrees_with_pytorchs_own_cpu_probe():
     assert has_units == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-@pytest.mark.parametrize('task, flags, expected', [
-    ('sampling', {'avx512_bf16'}, 'bf16'), ('sampling', {'amx_bf16', 'amx_tile', 'avx512_bf16'}, 'bf16'), ('sampling', {'avx2'}, 'fp32'),
-    ('training', {'avx512_bf16'}, 'fp32'), ('training', {'amx_bf16', 'amx_tile', 'avx512_bf16'}, 'bf16'), ('training', {'avx2'}, 'fp32'),
+@pytest.mark.parametrize('flags, expected', [
+    ({'avx512_bf16'}, 'bf16'), ({'amx_bf16', 'amx_tile', 'avx512_bf16'}, 'bf16'), ({'amx_bf16'}, 'fp32'), ({'avx2'}, 'fp32'),
 ])
-def test_auto_is_bf16_exactly_where_the_cpu_units_speed_up_the_task(monkeypatch, task, flags, expected):
+def test_auto_is_bf16_exactly_where_the_cpu_has_bf16_matrix_units(monkeypatch, flags, expected):
     monkeypatch.setattr(precision_lib, 'cpu_flags', lambda: flags)
-    chosen, line = precision_lib.describe_choice('auto', 'cpu', task)
+    chosen, line = precision_lib.describe_choice('auto', 'cpu')
     assert chosen == expected
     assert line.startswith(f'Precision auto: {expected} (') and '\n' not in line
 

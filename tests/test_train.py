@@ -142,7 +142,7 @@ def test_fp16_and_bf16_precision_options(tmp_path, unlabeled_zip):
     assert bf16['precision'] == 'bf16' and bf16['network_kwargs']['use_fp16'] is False
 
 
-@pytest.mark.parametrize('flags, expected', [({'avx512_bf16', 'amx_bf16', 'amx_tile'}, 'bf16'), ({'avx512f', 'avx512_bf16'}, 'fp32')])
+@pytest.mark.parametrize('flags, expected', [({'avx512_bf16', 'amx_bf16', 'amx_tile'}, 'bf16'), ({'avx512f', 'avx512_bf16'}, 'bf16'), ({'avx512f', 'avx2'}, 'fp32')])
 def test_auto_precision_records_and_prints_what_it_chose(tmp_path, unlabeled_zip, monkeypatch, flags, expected):
     monkeypatch.setattr(precision_lib, 'cpu_flags', lambda: flags)
     result = run_cli(f'--outdir={tmp_path}', f'--data={unlabeled_zip}', '--cbase=16', '--cres=1,2', '--device=cpu',

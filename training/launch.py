@@ -79,7 +79,7 @@ def build_config(opts, world_size):
     if opts.fp16 and precision != 'fp16':
         raise click.UsageError(f'--fp16 contradicts --precision={precision}')
     device_type = opts.device if opts.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    precision, choice = describe_choice(precision, device_type, 'training')  # the config records what 'auto' chose
+    precision, choice = describe_choice(precision, device_type)  # the config records what 'auto' chose
     if choice is not None:
         distributed.print0(choice)
 
