@@ -291,7 +291,7 @@ def test_resume_auto_finds_the_run_of_the_same_command_whatever_its_process_coun
 
 PRESET_OF_RECIPE = {name: f'{name.split("-")[0]}-fdm_{name.split("-")[1]}' for name in RECIPES}
 QUICKSTART_OPTIONS = ('--cond=1 --arch=ddpmpp --cbase=16 --cres=1,2,2 --blocks=1 --attn=none --precond=fdm_edm '
-                      '--warmup_ite=200 --batch=16 --lr=2e-3 --lr_rampup=0.001 --dropout=0 --augment=0')
+                      '--warmup_ite=200 --batch=32 --lr=2e-3 --lr_rampup=0.001 --dropout=0 --augment=0')
 
 
 def test_every_preset_is_a_published_recipe_or_the_quickstart():

@@ -51,7 +51,7 @@ PRESETS = {
     'afhqv2-fdm_vp':    dict(_FFHQ_AFHQ, arch='ddpmpp', dropout=0.25, precond='fdm_vp', warmup_ite=400),
     'afhqv2-fdm_ve':    dict(_FFHQ_AFHQ, arch='ncsnpp', dropout=0.25, precond='fdm_ve', warmup_ite=400),
     'quickstart':       dict(cond=True, arch='ddpmpp', cbase=16, cres=[1, 2, 2], blocks=1, attn=[], precond='fdm_edm',
-                             warmup_ite=200, batch=16, lr=2e-3, lr_rampup=0.001, dropout=0.0, augment=0.0),
+                             warmup_ite=200, batch=32, lr=2e-3, lr_rampup=0.001, dropout=0.0, augment=0.0),
 }
 
 
