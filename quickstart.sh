@@ -3,8 +3,8 @@
 # samples, and measure FID with the offline Inception detector. Outputs go to $OUT (default
 # quickstart-output/). KIMG sets the training length in thousands of images (default 105); GUIDE_KIMG the
 # snapshot that guides the final one (autoguidance, default 20; "none" samples unguided); NUM_FID the number
-# of images on each side of the FID. PRECISION (default auto: bf16 where the CPU's or GPU's bf16 matrix units speed
-# the task up, fp32 elsewhere; each script prints its choice) sets the arithmetic of training and sampling.
+# of images on each side of the FID. PRECISION (default auto: bf16 where the CPU or GPU has bf16 matrix units, fp32
+# elsewhere; each script prints its choice) sets the arithmetic of training and sampling.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-quickstart-output}

@@ -54,7 +54,7 @@ _FDM_MULTIPLIER_DEFAULTS = ', '.join(f'{recipes.fdm_multiplier_default(precond):
                                 help=f'FDM multiplier m  [default: {_FDM_MULTIPLIER_DEFAULTS}]', metavar='FLOAT', type=cli.FiniteFloat(min=0, min_open=True))
 # Performance-related.
 @click.option('--fp16',         help='Run the network in float16 on CUDA', metavar='BOOL',           type=bool, default=launch.DEFAULTS['fp16'], show_default=True)
-@click.option('--precision',    help='Arithmetic: fp16 = --fp16, bf16 = bfloat16 autocast, auto = bf16 where bf16 matrix units speed training up (CPUs: AMX), else fp32  [default: fp32]', type=click.Choice(TRAINING_PRECISIONS + [AUTO]))
+@click.option('--precision',    help='Arithmetic: fp16 = --fp16, bf16 = bfloat16 autocast, auto = bf16 where the device has bf16 matrix units (CPUs: AMX or AVX512-BF16), else fp32  [default: fp32]', type=click.Choice(TRAINING_PRECISIONS + [AUTO]))
 @click.option('--ls',           help='Loss scaling', metavar='FLOAT',                                type=cli.FiniteFloat(min=0, min_open=True), default=launch.DEFAULTS['ls'], show_default=True)
 @click.option('--bench',        help='Enable cuDNN benchmarking', metavar='BOOL',                    type=bool, default=launch.DEFAULTS['bench'], show_default=True)
 @click.option('--tf32',         help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL',      type=bool, default=launch.DEFAULTS['tf32'], show_default=True)

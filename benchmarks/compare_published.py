@@ -5,7 +5,7 @@ enters this repository. Runs both `train.py` on one synthetic dataset and both `
 published code's own snapshot, alternating which side goes first, and prints the ratios. Both sides get the
 same environment (OMP_NUM_THREADS, nothing else set) and their default options; the images of the two
 `generate.py` runs are compared pixel by pixel (identical in fp32). Our side runs in `--precision` (auto: bf16
-where the CPU has bf16 matrix units that speed the task up, training/precision.py); the published side always runs in float32. Beside the ratios it prints the
+where the CPU has bf16 matrix units, training/precision.py); the published side always runs in float32. Beside the ratios it prints the
 machine's measured fp32 and bf16 matmul and convolution GFLOP/s and the FLOP floor of the training config: its
 FLOP per image × 1000 / matmul GFLOP/s, the sec/kimg that the products alone would take (benchmarks/flops.py).
 

@@ -85,7 +85,7 @@ def bf16_matrix_units(device):
 
 def resolve_precision(precision, device):
     """(precision, reason): 'auto' becomes bf16 or fp32 on `device`, with the reason in words; other precisions pass
-    through. Measured on CPUs with AVX512-BF16 alone (no AMX), bf16 trained 1.6x and sampled 1.3x as fast as the
+    through. Measured on CPUs with AVX512-BF16 alone (no AMX), bf16 trained 1.64x and sampled 1.46x as fast as the
     published fp32 code, against 1.2x for our fp32 (benchmarks/results/README.md)."""
     if precision != AUTO:
         return precision, 'as given'
